@@ -1,0 +1,1 @@
+"""Export: torch model -> self-describing ONNX bundle, parity check, TensorRT engines."""

@@ -1,0 +1,132 @@
+"""CLIP weight files: OpenAI archives (TorchScript and state dict), open_clip checkpoints,
+layout detection, and errors that name what is wrong."""
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from trainer.backbones.checkpoint_io import WeightsFileError, read_torchscript_state_dict
+from trainer.backbones.clip import ClipModel, get_clip_config
+from trainer.backbones.clip_tokenizer import tokenize
+from trainer.backbones.clip_weights import load_clip
+
+ARCH = "tiny-p16-w64"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    model = ClipModel(get_clip_config(ARCH)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    tokens = tokenize(["with defect.", "without defect."])
+    return model, images, tokens
+
+
+def _same_outputs(a: ClipModel, b: ClipModel, images, tokens, tol=0.0):
+    with torch.no_grad():
+        ia, ta = a(images, tokens)
+        ib, tb = b(images, tokens)
+    assert (ia - ib).abs().max() <= tol and (ta - tb).abs().max() <= tol
+
+
+def test_openai_torchscript_archive(tmp_path, reference):
+    model, images, tokens = reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(copy.deepcopy(model), (images, tokens), check_trace=False)
+    traced = traced.half()  # OpenAI's archives store fp16 weights
+    path = tmp_path / "ViT-tiny.pt"
+    traced.save(str(path))
+    loaded = load_clip(path, arch=ARCH)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    half_model = ClipModel(model.cfg).eval()
+    half_model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    _same_outputs(loaded, half_model, images, tokens)
+
+
+def test_torchscript_reader_runs_no_code(tmp_path, reference):
+    """The reader refuses globals other than tensors, even inside a TorchScript-shaped zip."""
+    import zipfile
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
+        zf.writestr("evil/code/__torch__/m.py", "")
+    with pytest.raises(WeightsFileError, match="refusing to load .*print"):
+        read_torchscript_state_dict(path)
+
+
+def test_openai_state_dict(tmp_path, reference):
+    model, images, tokens = reference
+    sd = dict(model.state_dict())
+    sd.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77),
+              vocab_size=torch.tensor(49408))  # extras OpenAI state dicts carry
+    path = tmp_path / "openai.pt"
+    torch.save(sd, path)
+    _same_outputs(load_clip(path, arch=ARCH), model, images, tokens)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "bin", "safetensors"])
+def test_open_clip_checkpoints(tmp_path, reference, fmt):
+    model, images, tokens = reference
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / f"open_clip_model.{fmt}"
+    if fmt == "pt":  # open_clip training checkpoint: wrapped, DDP "module." prefix
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    elif fmt == "bin":
+        torch.save(sd, path)
+    else:
+        save_file(sd, str(path))
+    _same_outputs(load_clip(path, arch=ARCH), model, images, tokens)
+
+
+class Payload:
+    """A pickled Python object that weights_only loading must refuse."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "obj": Payload()}, path)
+    with pytest.raises(WeightsFileError, match="refused to unpickle"):
+        load_clip(path)
+
+
+def test_wrong_architecture_names_keys_and_lookalike(tmp_path, reference):
+    model, _, _ = reference
+    path = tmp_path / "w.safetensors"
+    save_file(dict(model.state_dict()), str(path))
+    with pytest.raises(WeightsFileError) as err:
+        load_clip(path, arch="tiny-p8-w96")
+    msg = str(err.value)
+    assert "does not fit architecture tiny-p8-w96" in msg
+    assert "missing keys: visual.transformer.resblocks.3." in msg
+    assert "shape mismatches: " in msg
+    assert "looks like tiny-p16-w64" in msg
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    bad = tmp_path / "half.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(WeightsFileError, match="half.pt"):
+        load_clip(bad)
+    with pytest.raises(WeightsFileError, match="not found"):
+        load_clip(tmp_path / "missing.pt")
+    dino = tmp_path / "dino.safetensors"
+    save_file({"patch_embed.proj.weight": torch.zeros(8, 3, 14, 14)}, str(dino))
+    with pytest.raises(WeightsFileError, match="not a CLIP checkpoint"):
+        load_clip(dino)
+
+
+def test_architecture_inferred_when_not_given(tmp_path):
+    model = ClipModel(get_clip_config("ViT-B-32")).eval()
+    path = tmp_path / "b32.safetensors"
+    save_file(dict(model.state_dict()), str(path))
+    assert load_clip(path).cfg.name == "ViT-B-32"

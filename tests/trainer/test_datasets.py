@@ -1,0 +1,161 @@
+"""Each dataset layout, built on disk, yields the same Sample type; bad files are named."""
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from trainer.data import (
+    DatasetError,
+    FolderDataset,
+    MVTec3DAD,
+    MVTecAD,
+    TextileImages,
+    VisA,
+)
+
+
+def write_image(path: Path, size=(20, 16), value=100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((size[1], size[0], 3), value, np.uint8)
+    img[:4, :4] = (255, 0, 0)  # RGB red marker: checks the BGR->RGB conversion
+    cv2.imwrite(str(path), img[..., ::-1])
+    return path
+
+
+def write_mask(path: Path, size=(20, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[4:8, 5:9] = 255
+    cv2.imwrite(str(path), mask)
+    return path
+
+
+def check_sample(s, label, defect, has_mask):
+    assert s.image.dtype == np.uint8 and s.image.shape == (16, 20, 3)
+    r, _, b = (int(v) for v in s.image[0, 0])
+    assert r > b + 100  # red stays red (JPEG blurs it a little)
+    assert s.mask.shape == (16, 20) and s.mask.dtype == np.uint8
+    assert s.label == label and s.defect == defect
+    assert int(s.mask.sum()) == (16 if has_mask else 0)
+    assert set(np.unique(s.mask)) <= {0, 1}
+
+
+@pytest.fixture
+def mvtec(tmp_path):
+    root = tmp_path / "mvtec"
+    write_image(root / "bottle/train/good/000.png")
+    write_image(root / "bottle/test/good/000.png")
+    write_image(root / "bottle/test/broken/000.png")
+    write_mask(root / "bottle/ground_truth/broken/000_mask.png")
+    write_image(root / "cable/train/good/000.png")
+    write_image(root / "cable/test/good/000.png")
+    return root
+
+
+def test_mvtec(mvtec):
+    test = MVTecAD(mvtec, "test")
+    assert len(test) == 3 and test.class_names == ["bottle", "cable"]
+    bad = [s for s in (test[i] for i in range(3)) if s.label]
+    assert len(bad) == 1
+    check_sample(bad[0], 1, "broken", True)
+    check_sample(MVTecAD(mvtec, "train", "bottle")[0], 0, "good", False)
+
+
+def test_mvtec_errors(mvtec):
+    (mvtec / "bottle/ground_truth/broken/000_mask.png").unlink()
+    with pytest.raises(DatasetError, match="missing mask .*000_mask.png"):
+        MVTecAD(mvtec, "test", "bottle")
+    with pytest.raises(DatasetError, match="missing folder .*nope"):
+        MVTecAD(mvtec, "test", "nope")
+    with pytest.raises(DatasetError, match="missing folder"):
+        MVTecAD(mvtec / "absent")
+
+
+def test_corrupt_image_and_wrong_mask_size(mvtec):
+    (mvtec / "bottle/test/good/000.png").write_bytes(b"\x89PNG broken")
+    ds = MVTecAD(mvtec, "test", "bottle")
+    with pytest.raises(DatasetError, match=r"cannot read image .*good/000.png: unreadable"):
+        [ds[i] for i in range(len(ds))]
+    write_mask(mvtec / "bottle/ground_truth/broken/000_mask.png", size=(10, 10))
+    bad = [i for i, r in enumerate(ds.records) if r.label][0]
+    with pytest.raises(DatasetError, match=r"mask .*000_mask.png is 10x10 but its image is 20x16"):
+        ds[bad]
+
+
+def test_visa(tmp_path):
+    root = tmp_path / "visa"
+    write_image(root / "candle/Data/Images/Normal/0000.JPG")
+    write_image(root / "candle/Data/Images/Anomaly/0001.JPG")
+    write_mask(root / "candle/Data/Masks/Anomaly/0001.png")
+    write_image(root / "pcb1/Data/Images/Normal/0002.JPG")
+    (root / "split_csv").mkdir()
+    with (root / "split_csv/1cls.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["object", "split", "label", "image", "mask"])
+        w.writerow(["candle", "train", "normal", "candle/Data/Images/Normal/0000.JPG", ""])
+        w.writerow(["candle", "test", "anomaly", "candle/Data/Images/Anomaly/0001.JPG",
+                    "candle/Data/Masks/Anomaly/0001.png"])
+        w.writerow(["pcb1", "test", "normal", "pcb1/Data/Images/Normal/0002.JPG", ""])
+    test = VisA(root, "test")
+    assert len(test) == 2 and test.class_names == ["candle", "pcb1"]
+    check_sample(test[0], 1, "anomaly", True)
+    check_sample(VisA(root, "train")[0], 0, "good", False)
+    with pytest.raises(DatasetError, match="no test rows for \\['fryum'\\]"):
+        VisA(root, "test", ["candle", "fryum"])
+    (root / "split_csv/1cls.csv").unlink()
+    with pytest.raises(DatasetError, match="missing VisA split file"):
+        VisA(root)
+
+
+def test_mvtec3d(tmp_path):
+    root = tmp_path / "mv3d"
+    for split, defect in (("train", "good"), ("test", "good"), ("test", "hole")):
+        d = root / "bagel" / split / defect
+        write_image(d / "rgb/000.png")
+        (d / "xyz").mkdir()
+        tifffile.imwrite(d / "xyz/000.tiff", np.random.rand(16, 20, 3).astype(np.float32), photometric="rgb")
+        if defect != "good":
+            write_mask(d / "gt/000.png")
+    test = MVTec3DAD(root, "test")
+    assert len(test) == 2
+    s = test[1]
+    check_sample(s, 1, "hole", True)
+    assert s.xyz.shape == (16, 20, 3) and s.xyz.dtype == np.float32
+    tifffile.imwrite(root / "bagel/test/hole/xyz/000.tiff", np.zeros((8, 8, 3), np.float32),
+                     photometric="rgb")
+    with pytest.raises(DatasetError, match=r"point map .*000.tiff has shape \(8, 8, 3\)"):
+        test[1]
+    (root / "bagel/test/hole/xyz/000.tiff").unlink()
+    with pytest.raises(DatasetError, match="missing point map"):
+        MVTec3DAD(root, "test")
+
+
+def test_folder(tmp_path):
+    root = tmp_path / "widget"
+    write_image(root / "good/a.png")
+    write_image(root / "scratch/b.png")
+    write_mask(root / "masks/scratch/b_mask.png")
+    write_image(root / "dent/c.png")  # no mask: image-level label only
+    ds = FolderDataset(root)
+    by_defect = {ds[i].defect: ds[i] for i in range(len(ds))}
+    check_sample(by_defect["good"], 0, "good", False)
+    check_sample(by_defect["scratch"], 1, "scratch", True)
+    check_sample(by_defect["dent"], 1, "dent", False)
+    assert by_defect["dent"].class_name == "widget"
+    with pytest.raises(DatasetError, match="missing folder .*good"):
+        FolderDataset(root / "scratch")
+
+
+def test_textile_package():
+    ds = TextileImages()
+    assert len(ds) == 2000
+    assert int(ds.labels.sum()) == 1000
+    kinds = {r.defect for r in ds.records}
+    assert kinds == {"good", "local", "global"}
+    s = ds[0]
+    assert s.image.shape == (250, 250, 3) and s.class_name == "textile" and s.mask.sum() == 0
+    assert len(TextileImages(["local"])) == 500

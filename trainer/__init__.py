@@ -1,0 +1,1 @@
+"""Trainer: frozen backbones, light heads, datasets, losses and metrics (torch lives here)."""
