@@ -130,3 +130,27 @@ def test_architecture_inferred_when_not_given(tmp_path):
     path = tmp_path / "b32.safetensors"
     save_file(dict(model.state_dict()), str(path))
     assert load_clip(path).cfg.name == "ViT-B-32"
+
+
+def test_sharded_hugging_face_folder(tmp_path, reference):
+    """Large HF checkpoints come in shards listed by model.safetensors.index.json."""
+    import json
+
+    from trainer.backbones.checkpoint_io import read_weights
+
+    model, _, _ = reference
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    names = sorted(sd)
+    half = len(names) // 2
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(folder / shard))
+        weight_map.update({k: shard for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got, config = read_weights(folder)
+    assert config == {} and set(got) == set(sd)
+    assert all(torch.equal(got[k], sd[k]) for k in sd)

@@ -145,6 +145,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
             raise WeightsFileError(f"{path} is a folder without config.json; a Hugging Face "
                                    "model folder needs config.json and model.safetensors")
         config = json.loads(config_file.read_text())
+        index = path / "model.safetensors.index.json"
+        if index.exists():  # sharded: {"weight_map": {tensor name: shard file}}
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            if not shards:
+                raise WeightsFileError(f"{index} lists no shards")
+            merged: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                merged.update(read_weights(path / shard)[0])
+            return merged, config
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
                 sd, _ = read_weights(path / name)
