@@ -40,6 +40,15 @@ def _categories(root: Path, wanted: str | list[str] | None, marker: str) -> list
     return names
 
 
+def _defect_dirs(root: Path, categories: str | list[str] | None, split: str,
+                 dataset: str) -> Iterable[tuple[str, str, Path]]:
+    """``(category, defect type, folder)`` for ``<root>/<category>/<split>/<defect>/``."""
+    for cat in _categories(root, categories, "train"):
+        split_dir = require_dir(root / cat / split, f"{dataset} {split} split of {cat}")
+        for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            yield cat, defect_dir.name, defect_dir
+
+
 class MVTecAD(RecordDataset):
     """MVTec AD: ``<root>/<class>/{train/good, test/<defect>, ground_truth/<defect>}``.
 
@@ -52,17 +61,14 @@ class MVTecAD(RecordDataset):
         _check_split(split)
         root = Path(root)
         records = []
-        for cat in _categories(root, categories, "train"):
-            split_dir = require_dir(root / cat / split, f"MVTec AD {split} split of {cat}")
-            for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-                defect = defect_dir.name
-                for image in list_images(defect_dir):
-                    mask = None
-                    if defect != "good":
-                        mask = root / cat / "ground_truth" / defect / f"{image.stem}_mask.png"
-                        if not mask.exists():
-                            raise DatasetError(f"missing mask {mask} for defective image {image}")
-                    records.append(Record(image, int(defect != "good"), cat, defect, mask))
+        for cat, defect, folder in _defect_dirs(root, categories, split, "MVTec AD"):
+            for image in list_images(folder):
+                mask = None
+                if defect != "good":
+                    mask = root / cat / "ground_truth" / defect / f"{image.stem}_mask.png"
+                    if not mask.exists():
+                        raise DatasetError(f"missing mask {mask} for defective image {image}")
+                records.append(Record(image, int(defect != "good"), cat, defect, mask))
         super().__init__(records, f"MVTec AD {split} at {root}")
 
 
@@ -115,20 +121,16 @@ class MVTec3DAD(RecordDataset):
         _check_split(split, ("train", "validation", "test"))
         root = Path(root)
         records = []
-        for cat in _categories(root, categories, "train"):
-            split_dir = require_dir(root / cat / split, f"MVTec 3D-AD {split} split of {cat}")
-            for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-                defect = defect_dir.name
-                rgb_dir = require_dir(defect_dir / "rgb", "RGB images")
-                for image in list_images(rgb_dir):
-                    xyz = defect_dir / "xyz" / f"{image.stem}.tiff"
-                    if not xyz.exists():
-                        raise DatasetError(f"missing point map {xyz} for {image}")
-                    mask = defect_dir / "gt" / f"{image.stem}.png"
-                    if defect != "good" and not mask.exists():
-                        raise DatasetError(f"missing mask {mask} for defective image {image}")
-                    records.append(Record(image, int(defect != "good"), cat, defect,
-                                          mask if defect != "good" else None, xyz))
+        for cat, defect, folder in _defect_dirs(root, categories, split, "MVTec 3D-AD"):
+            for image in list_images(require_dir(folder / "rgb", "RGB images")):
+                xyz = folder / "xyz" / f"{image.stem}.tiff"
+                if not xyz.exists():
+                    raise DatasetError(f"missing point map {xyz} for {image}")
+                mask = folder / "gt" / f"{image.stem}.png"
+                if defect != "good" and not mask.exists():
+                    raise DatasetError(f"missing mask {mask} for defective image {image}")
+                records.append(Record(image, int(defect != "good"), cat, defect,
+                                      mask if defect != "good" else None, xyz))
         super().__init__(records, f"MVTec 3D-AD {split} at {root}")
 
 
