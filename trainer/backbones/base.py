@@ -42,6 +42,10 @@ class Backbone(nn.Module):
         """Channel width of the tokens at ``layer``."""
         raise NotImplementedError
 
+    def feature_names(self, layer: int) -> tuple[str, ...] | None:
+        """Names of the token channels when they mean something on their own (else None)."""
+        return None
+
     def forward_taps(self, images: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """Tokens ``(B, 1 + rows * cols, C)`` (CLS first, then patches row-major) per layer."""
         raise NotImplementedError

@@ -80,6 +80,9 @@ class TextureBackbone(Backbone):
     def tap_dim(self, layer: int) -> int:
         return len(self.FEATURES)
 
+    def feature_names(self, layer: int) -> tuple[str, ...]:
+        return self.FEATURES
+
     def _level_tokens(self, gray: torch.Tensor, cell: int) -> torch.Tensor:
         pad = self.bank.shape[-1] // 2
         resp = F.conv2d(F.pad(gray, (pad, pad, pad, pad), mode="reflect"), self.bank)

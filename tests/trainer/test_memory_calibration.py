@@ -1,0 +1,74 @@
+"""Few-shot memory against brute force; calibration hits the requested false-alarm rate."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
+from trainer.memory import PatchMemory, WindowGaussian
+
+
+@pytest.mark.parametrize("metric", ["cosine", "standardized"])
+def test_memory_equals_brute_force_nearest_neighbour(metric):
+    g = torch.Generator().manual_seed(0)
+    shots = torch.randn(3, 50, 16, generator=g) * torch.linspace(0.1, 5, 16) + 2
+    query = torch.randn(2, 40, 16, generator=g) * 3
+    mem = PatchMemory(shots, metric=metric, chunk=7)  # small chunks exercise the loop
+    got = mem(query)
+    bank = shots.reshape(-1, 16)
+    want = torch.empty(2, 40)
+    for b in range(2):
+        for i in range(40):
+            q = query[b, i]
+            if metric == "cosine":
+                d = [(1 - torch.dot(q / q.norm(), m / m.norm())) / 2 for m in bank]
+            else:
+                sd = bank.std(0)
+                d = [((q - m) / sd).norm() for m in bank]
+            want[b, i] = min(d)
+    assert torch.allclose(got, want, atol=1e-5)
+    # shots are in memory (matmul-based distances are exact to ~1e-3 near zero)
+    assert torch.allclose(mem(shots[:1]), torch.zeros(1, 50), atol=5e-3)
+
+
+def test_fold_reference_excludes_the_scored_half():
+    shots = torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(1))
+    ref = PatchMemory(shots, "standardized").fold_reference((8, 8))
+    assert ref > 0.1  # a half scored against itself would give 0
+
+
+def test_window_gaussian_scores_shifted_statistics():
+    g = torch.Generator().manual_seed(2)
+    shots = torch.randn(4, 3, 16, 16, generator=g)
+    model = WindowGaussian(shots, window=4, stride=2)
+    normal = model(torch.randn(20, 3, 16, 16, generator=g))
+    shifted = model(torch.randn(20, 3, 16, 16, generator=g) + 0.5)
+    assert 0.5 < normal.mean() < 2.5  # about 1 for normal data
+    assert (shifted.min() > normal.max())
+    with pytest.raises(ValueError, match="cannot estimate"):
+        WindowGaussian(torch.randn(1, 40, 8, 8), window=8)
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05, 0.2])
+def test_calibration_gives_requested_false_alarm_rate_on_held_out_normals(target):
+    rng = np.random.default_rng(3)
+    calib = rng.gamma(2.0, size=4000)
+    held_out = rng.gamma(2.0, size=20000)
+    cal = calibrate_false_alarm_rate(calib, target)
+    far = cal.is_anomalous(held_out).mean()
+    tol = 4 * np.sqrt(target * (1 - target) / len(held_out)) + 4 * np.sqrt(target / len(calib))
+    assert abs(far - target) <= tol, (far, target)
+    assert cal.false_alarm_rate_on_calibration <= target
+    with pytest.raises(ValueError, match="at least 100 held-out normal"):
+        calibrate_false_alarm_rate(calib[:50], 0.01)
+
+
+def test_f1_calibration_flags_what_f1_max_counts():
+    labels = np.array([0, 0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.85, 0.7])
+    cal = calibrate_f1(labels, scores)
+    pred = cal.is_anomalous(scores)
+    tp = (pred & (labels == 1)).sum()
+    f1 = 2 * tp / (pred.sum() + labels.sum())
+    assert f1 == pytest.approx(cal.f1)
+    assert cal.n_anomalous == 3 and cal.method == "f1_max"

@@ -1,0 +1,43 @@
+"""Images (uint8 RGB arrays) -> normalized model input, the same way in training and export."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from trainer.backbones.base import Normalization
+
+FIT_MODES = ("resize", "center_crop")
+
+
+def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:
+    """Bring ``(H, W, 3)`` to ``size`` (H, W).
+
+    ``resize``: bicubic resize (CLIP-style models). ``center_crop``: crop the centre without
+    resampling (the texture backbone: resampling blurs pixel-scale defects); an image
+    smaller than ``size`` is an error.
+    """
+    h, w = size
+    if mode == "resize":
+        if image.shape[:2] == (h, w):
+            return image
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+    if mode == "center_crop":
+        ih, iw = image.shape[:2]
+        if ih < h or iw < w:
+            raise ValueError(f"image {iw}x{ih} is smaller than the {w}x{h} crop; use "
+                             "fit: resize or a smaller input_size")
+        top, left = (ih - h) // 2, (iw - w) // 2
+        return image[top:top + h, left:left + w]
+    raise ValueError(f"fit mode {mode!r} unknown; choose one of {FIT_MODES}")
+
+
+def to_batch(images: list[np.ndarray], size: tuple[int, int], normalization: Normalization,
+             mode: str = "resize") -> torch.Tensor:
+    """Stack uint8 RGB images into a normalized float ``(B, 3, H, W)`` tensor."""
+    fitted = np.stack([fit_image(im, size, mode) for im in images])
+    x = torch.from_numpy(fitted).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,1 @@
+"""Light heads on frozen backbones: few-shot memories, AF-CLIP, CMAD, ..."""

@@ -1,0 +1,133 @@
+"""Few-shot memories built from K normal images, usable by every method.
+
+* :class:`PatchMemory` -- nearest-neighbour patch memory (PatchCore / AF-CLIP+ style):
+  a patch's score is its distance to the closest normal patch. ``metric="cosine"`` gives
+  AF-CLIP+'s ``min_b (1 - <c, b>) / 2`` (Eq. 17) on L2-normalized features;
+  ``metric="standardized"`` gives the Euclidean distance after standardizing each channel
+  with the shots' mean and std (for features whose channels have unrelated units, like the
+  texture backbone's log energies).
+* :class:`WindowGaussian` -- the global statistics of a stationary texture: a Gaussian
+  (mean, full covariance) of feature means over sliding windows of the patch grid. A
+  test image's score is the mean squared Mahalanobis distance of its windows, divided by
+  the feature count so normal images score about 1 (the chi-square mean; unseen normal
+  images score somewhat higher, since a covariance from few windows overfits them).
+
+Both are plain tensors and matrix products, so they export to ONNX as constants.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METRICS = ("cosine", "standardized")
+
+
+class PatchMemory(nn.Module):
+    """Normal patch features of K shots; scores are nearest-neighbour distances.
+
+    Args:
+        patches: ``(K, N, C)`` patch tokens of the shots (CLS excluded).
+        metric: ``cosine`` or ``standardized`` (see module docstring).
+        chunk: query rows per distance block, bounding memory use.
+    """
+
+    def __init__(self, patches: torch.Tensor, metric: str = "cosine", chunk: int = 1024) -> None:
+        super().__init__()
+        if metric not in METRICS:
+            raise ValueError(f"memory metric {metric!r} unknown; choose one of {METRICS}")
+        if patches.ndim != 3 or patches.shape[0] < 1:
+            raise ValueError(f"expected shot patches (K, N, C), got {tuple(patches.shape)}")
+        self.metric = metric
+        self.chunk = chunk
+        flat = patches.reshape(-1, patches.shape[-1]).float()
+        if metric == "standardized":
+            mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
+        else:
+            mean, std = torch.zeros(flat.shape[1]), torch.ones(flat.shape[1])
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.register_buffer("bank", self.embed(flat))
+        self.shots, self.per_shot = patches.shape[0], patches.shape[1]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features as the memory compares them (normalized or standardized)."""
+        if self.metric == "cosine":
+            return F.normalize(x.float(), dim=-1)
+        return (x.float() - self.mean) / self.std
+
+    @staticmethod
+    def _nearest(query: torch.Tensor, bank: torch.Tensor, metric: str, chunk: int) -> torch.Tensor:
+        out = []
+        for start in range(0, query.shape[0], chunk):
+            q = query[start:start + chunk]
+            if metric == "cosine":
+                out.append(((1.0 - q @ bank.T) / 2.0).min(dim=1).values)
+            else:
+                out.append(torch.cdist(q, bank).min(dim=1).values)
+        return torch.cat(out)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` -> ``(B, N)`` distance of each patch to its nearest memory patch."""
+        b, n, c = patches.shape
+        q = self.embed(patches.reshape(-1, c))
+        return self._nearest(q, self.bank, self.metric, self.chunk).reshape(b, n)
+
+    def fold_reference(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Typical image-max score of a normal image, from the shots alone.
+
+        Each shot is cut into top and bottom halves; each half is scored against the memory
+        without itself (so K = 1 still works) and its maximum kept. Returns the mean of
+        those maxima: a scale for the memory's scores that needs no extra normal images.
+        """
+        bank = self.bank.reshape(self.shots, self.per_shot, -1)
+        rows = torch.arange(self.per_shot) // grid[1]
+        top = rows < grid[0] // 2
+        maxima = []
+        for k in range(self.shots):
+            for half in (top, ~top):
+                keep = torch.ones(self.shots, self.per_shot, dtype=torch.bool)
+                keep[k, half] = False
+                d = self._nearest(bank[k, half], bank[keep], self.metric, self.chunk)
+                maxima.append(d.max())
+        return torch.stack(maxima).mean()
+
+
+class WindowGaussian(nn.Module):
+    """Gaussian of window-mean features over the patch grid (global texture statistics).
+
+    Args:
+        grids: ``(K, C, rows, cols)`` patch features of the shots.
+        window: window side in patches; ``stride`` its step.
+        ridge: added to the covariance diagonal, relative to its mean variance.
+    """
+
+    def __init__(self, grids: torch.Tensor, window: int = 8, stride: int = 4,
+                 ridge: float = 1e-6) -> None:
+        super().__init__()
+        if grids.shape[-1] < window or grids.shape[-2] < window:
+            raise ValueError(f"grid {tuple(grids.shape[-2:])} is smaller than window {window}")
+        self.window, self.stride = window, stride
+        self.ridge = ridge
+        windows = self.window_means(grids.float()).reshape(-1, grids.shape[1])
+        mean, precision = self._gaussian(windows)
+        self.register_buffer("mean", mean)
+        self.register_buffer("precision", precision)
+
+    def _gaussian(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if w.shape[0] <= w.shape[1] + 1:
+            raise ValueError(f"{w.shape[0]} windows cannot estimate a {w.shape[1]}-d covariance; "
+                             "use more shots, a smaller window or stride")
+        cov = torch.cov(w.T)
+        cov = cov + self.ridge * cov.diagonal().mean() * torch.eye(cov.shape[0])
+        return w.mean(0), torch.linalg.inv(cov)
+
+    def window_means(self, grids: torch.Tensor) -> torch.Tensor:
+        """``(B, C, rows, cols)`` -> ``(B, windows, C)``."""
+        return F.avg_pool2d(grids, self.window, self.stride).flatten(2).transpose(1, 2)
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        """``(B, C, rows, cols)`` -> ``(B,)`` mean squared Mahalanobis distance / C."""
+        d = self.window_means(grids.float()) - self.mean
+        return ((d @ self.precision) * d).sum(-1).mean(-1) / d.shape[-1]
