@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from trainer.backbones.texture import TextureBackbone
 from trainer.data import RecordDataset, TextileImages
+from trainer.data.transforms import fit_image, to_batch
 from trainer.metrics import evaluate
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=16)
 
 
-def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    if h < size or w < size:
-        raise ValueError(f"image {w}x{h} is smaller than the {size}x{size} crop")
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[top:top + size, left:left + size]
-
-
 def extract(backbone: TextureBackbone, ds: RecordDataset, indices: list[int], batch: int,
             desc: str) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Concatenated tap tokens ``(N, 1 + rows*cols, C)`` and the cropped images."""
     tokens, images = [], []
     for start in tqdm(range(0, len(indices), batch), desc=desc, unit="batch", leave=False):
-        crops = [_center_crop(ds[i].image, CROP) for i in indices[start:start + batch]]
+        crops = [fit_image(ds[i].image, (CROP, CROP), "center_crop")
+                 for i in indices[start:start + batch]]
         images.extend(crops)
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+        x = to_batch(crops, (CROP, CROP), backbone.normalization, "center_crop")
         with torch.no_grad():
             taps = backbone.forward_taps(x, TAPS)
         tokens.append(torch.cat([taps[k] for k in TAPS], dim=-1))
