@@ -30,6 +30,9 @@ class Subcommand:
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("demo", "offline demo on the textile images (no weights needed)", "trainer.demo"),
+    Subcommand("train", "train a method's head from a run config (then evaluate)", "trainer.train_cli"),
+    Subcommand("eval", "evaluate a checkpoint: metrics JSON, ROC, histograms, overlays",
+               "trainer.eval_cli"),
     Subcommand("info", "versions and available engine backends", "runtime.info"),
     Subcommand(
         "inspect-weights",
@@ -83,7 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        # Errors a user can cause (bad config, path, checkpoint, dataset) carry a message
+        # that names the problem and the fix; a traceback only with --verbose.
+        if args.verbose:
+            raise
+        print(f"edge-inspect {sub.name}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -115,6 +115,17 @@ class WindowGaussian(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("precision", precision)
 
+    @classmethod
+    def from_state(cls, mean: torch.Tensor, precision: torch.Tensor, window: int,
+                   stride: int) -> WindowGaussian:
+        """Rebuild a fitted Gaussian from its stored mean and precision (checkpoints)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.window, self.stride, self.ridge = window, stride, 0.0
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("precision", precision.float())
+        return self
+
     def _gaussian(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if w.shape[0] <= w.shape[1] + 1:
             raise ValueError(f"{w.shape[0]} windows cannot estimate a {w.shape[1]}-d covariance; "

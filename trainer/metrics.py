@@ -53,6 +53,13 @@ def _need_both_classes(y_true: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} needs both normal and anomalous samples")
 
 
+def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates from (0, 0) to (1, 1), one point per distinct score."""
+    _need_both_classes(y_true, "ROC")
+    tp, fp, _ = _curve_counts(y_true, scores)
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
+
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve."""
     _need_both_classes(y_true, "AUROC")

@@ -23,7 +23,7 @@ def test_memory_head_separates_both_defect_kinds():
         normal, maps = head(_batch("nominal", range(600, 640), bb))
         local, _ = head(_batch("local", range(40), bb))
         glob, _ = head(_batch("global", range(40), bb))
-    assert maps.shape == (40, 31, 31) and normal.shape == (40,)
+    assert maps.shape == (40, 248, 248) and normal.shape == (40,)
     y = np.r_[np.zeros(40), np.ones(40)]
     assert auroc(y, np.r_[normal.numpy(), local.numpy()]) >= 0.97
     assert auroc(y, np.r_[normal.numpy(), glob.numpy()]) >= 0.97

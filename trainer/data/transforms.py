@@ -41,3 +41,13 @@ def to_batch(images: list[np.ndarray], size: tuple[int, int], normalization: Nor
     mean = torch.tensor(normalization.mean).view(1, 3, 1, 1)
     std = torch.tensor(normalization.std).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def fit_mask(mask: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:
+    """Bring a {0, 1} mask to ``size`` like its image: bilinear resize then > 0.5, or crop."""
+    if mode == "center_crop":
+        return fit_image(mask[..., None], size, mode)[..., 0]
+    if mask.shape[:2] == tuple(size):
+        return mask
+    resized = cv2.resize(mask.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return (resized > 0.5).astype(np.uint8)

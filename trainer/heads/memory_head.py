@@ -10,7 +10,8 @@ Two detectors, fused into one image score and one map:
   statistics of sliding windows; about 1 for normal images, growing quadratically with a
   shift, so it enters the fusion as ``1 + log(G)``.
 
-Image score = ``max(max_patch local, 1 + log(G))``; map = local patch scores on the grid.
+Image score = ``max(max_patch local, 1 + log(G))``; map = local patch scores on the grid,
+upsampled bilinearly to the input size by ``forward``.
 ``global_ignore`` drops named channels from the global detector: for the texture backbone,
 the mean intensity, because brightness legitimately varies between good images and would
 otherwise dominate a covariance estimated from a few shots.
@@ -25,9 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from trainer.backbones.base import Backbone
+from trainer.heads.base import AnomalyHead
 from trainer.memory import PatchMemory, WindowGaussian
 
 
@@ -48,32 +50,80 @@ class MemoryHeadConfig:
 TEXTURE_MEMORY = MemoryHeadConfig(global_ignore=("mean",))
 
 
-class MemoryHead(nn.Module):
-    """Backbone + few-shot memory; ``forward`` gives ``(image_score (B,), map (B, rows, cols))``."""
+class MemoryHead(AnomalyHead):
+    """Backbone + few-shot memory (method ``memory``); nothing to train, enroll K shots.
+
+    ``forward`` gives ``(image_score (B,), map (B, H, W))``; :meth:`score_taps` the same from
+    cached backbone taps with the map on the patch grid.
+    """
+
+    method = "memory"
 
     def __init__(self, backbone: Backbone, cfg: MemoryHeadConfig,
-                 shot_taps: dict[int, torch.Tensor]) -> None:
+                 shot_taps: dict[int, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        self.fit_mode = "center_crop" if type(backbone).__name__ == "TextureBackbone" else "resize"
         used = set(cfg.local_taps) | (set(cfg.global_taps) if cfg.use_global else set())
         self.taps = tuple(sorted(used))
-        missing = set(self.taps) - set(shot_taps)
-        if missing:
-            raise ValueError(f"shot features lack taps {sorted(missing)}")
+        backbone.check_layers(self.taps)
         self.register_buffer("global_channels", self._global_channels(), persistent=False)
-        with torch.no_grad():
-            local, glob = self._features(shot_taps)
-            self.local = PatchMemory(local, cfg.metric)
-            self.register_buffer("local_reference", self.local.fold_reference(backbone.grid))
-            self.glob = WindowGaussian(glob, cfg.window, cfg.stride) if cfg.use_global else None
+        self.local: PatchMemory | None = None
+        self.glob: WindowGaussian | None = None
+        if shot_taps is not None:
+            self.enroll_taps(shot_taps)
 
     @classmethod
     def fit(cls, backbone: Backbone, cfg: MemoryHeadConfig, shots: torch.Tensor) -> MemoryHead:
         """Build the memory from K normal images ``(K, 3, H, W)`` (normalized input)."""
-        taps = tuple(sorted(set(cfg.local_taps) | set(cfg.global_taps)))
+        head = cls(backbone, cfg)
+        head.enroll(shots)
+        return head
+
+    @property
+    def supports_memory(self) -> bool:
+        return True
+
+    def enroll(self, shots: torch.Tensor) -> None:
         with torch.no_grad():
-            return cls(backbone, cfg, backbone.forward_taps(shots, taps))
+            self.enroll_taps(self.backbone.forward_taps(shots, self.taps))
+
+    def enroll_taps(self, shot_taps: dict[int, torch.Tensor]) -> None:
+        """Build both detectors from the shots' backbone taps."""
+        missing = set(self.taps) - set(shot_taps)
+        if missing:
+            raise ValueError(f"shot features lack taps {sorted(missing)}")
+        with torch.no_grad():
+            local, glob = self._features(shot_taps)
+            self.local = PatchMemory(local, self.cfg.metric)
+            self.register_buffer("local_reference", self.local.fold_reference(self.backbone.grid))
+            self.glob = (WindowGaussian(glob, self.cfg.window, self.cfg.stride)
+                         if self.cfg.use_global else None)
+
+    def clear_memory(self) -> None:
+        self.local, self.glob = None, None
+
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        if self.local is None:
+            return {}
+        state = {f"local.{k}": v for k, v in self.local.state_dict().items()}
+        state["local_reference"] = self.local_reference
+        if self.glob is not None:
+            state |= {f"global.{k}": v for k, v in self.glob.state_dict().items()}
+        return state
+
+    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            self.clear_memory()
+            return
+        bank = state["local.bank"]
+        self.local = PatchMemory(bank.unsqueeze(0), self.cfg.metric)
+        self.local.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("local.")})
+        self.register_buffer("local_reference", state["local_reference"])
+        if self.cfg.use_global:
+            self.glob = WindowGaussian.from_state(state["global.mean"], state["global.precision"],
+                                                  self.cfg.window, self.cfg.stride)
 
     def _global_channels(self) -> torch.Tensor:
         """Indices of the concatenated global-tap channels that the global detector uses."""
@@ -102,7 +152,9 @@ class MemoryHead(nn.Module):
         return local, glob
 
     def score_taps(self, taps: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores and patch maps from backbone taps (lets callers cache features)."""
+        """Image scores and patch-grid maps from backbone taps (lets callers cache features)."""
+        if self.local is None:
+            raise RuntimeError("the memory head has no memory yet: enroll K normal images first")
         local, glob = self._features(taps)
         patch = self.local(local) / self.local_reference
         score = patch.amax(dim=1)
@@ -112,5 +164,8 @@ class MemoryHead(nn.Module):
         return score, patch.reshape(-1, rows, cols)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 3, H, W)`` -> image scores ``(B,)`` and patch maps ``(B, rows, cols)``."""
-        return self.score_taps(self.backbone.forward_taps(images, self.taps))
+        """``(B, 3, H, W)`` -> image scores ``(B,)`` and maps ``(B, H, W)`` (bilinear upsampling)."""
+        score, grid_map = self.score_taps(self.backbone.forward_taps(images, self.taps))
+        up = F.interpolate(grid_map.unsqueeze(1), size=self.backbone.input_size, mode="bilinear",
+                           align_corners=False)
+        return score, up.squeeze(1)

@@ -1,0 +1,34 @@
+"""Every shipped run config parses, and the paper configs carry the paper's settings."""
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("[acm]*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_parses_and_round_trips(path):
+    cfg = RunConfig.from_yaml(path)
+    again = RunConfig.from_dict(cfg.to_dict(), str(path))
+    assert again.to_yaml() == cfg.to_yaml()
+
+
+def test_afclip_paper_settings():
+    for name in ("vitl14-336-visa-to-mvtec", "vitl14-336-mvtec-to-visa"):
+        cfg = RunConfig.from_yaml(ROOT / f"configs/afclip/{name}.yaml")
+        assert cfg.backbone.arch == "ViT-L-14-336" and cfg.backbone.input_size == 518
+        assert cfg.head["taps"] == (6, 12, 18, 24) and cfg.head["scales"] == (1, 3, 5)
+        assert cfg.head["n_ctx"] == 12 and cfg.head["alpha"] == cfg.head["beta"] == 0.1
+        assert cfg.train["epochs"] == 2
+        assert cfg.train["lr"] == 1e-4 and cfg.train["betas"] == [0.5, 0.999]
+        assert cfg.train["batch_size"] == 8
+
+
+def test_cmad_paper_settings():
+    cfg = RunConfig.from_yaml(ROOT / "configs/cmad/vitl14-224-3d-to-mvtec.yaml")
+    assert cfg.backbone.input_size == 224 and len(cfg.train_data) == 2
+    assert cfg.train["steps"] == 1500 and cfg.train["batch_size"] == 16 and cfg.train["lr"] == 1e-3

@@ -1,0 +1,234 @@
+"""Run configs: one YAML names the method, backbone, data, shots, seed and hyperparameters.
+
+```yaml
+name: afclip-visa-to-mvtec        # run folder: runs/<name> unless --run-dir
+method: afclip                    # afclip | cmad | memory
+backbone: configs/backbones/clip-vit-l14-336-518.yaml   # a file or an inline mapping
+seed: 0
+shots: 0                          # K normal images per target class (0: zero-shot)
+data:
+  train: [{name: visa, kind: visa, root: data/visa, split: test}]   # auxiliary, labelled
+  target: [{name: mvtec, kind: mvtec, root: data/mvtec}]            # evaluation
+head: {}                          # method hyperparameters (AfClipConfig / CmadConfig / ...)
+train: {}                         # epochs or steps, batch_size, lr, betas, ...
+calibration: {false_alarm_rate: 0.01, normals: 20}
+eval: {batch_size: 8, overlays: 6, save_enrolled: true}
+```
+
+Every key is checked: a misspelt key is an error naming the allowed ones. The resolved
+config (all defaults filled in) is what the run folder and the checkpoint record.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.backbones import BackboneSpec
+from trainer.data.registry import DatasetSpec
+
+METHODS = ("afclip", "cmad", "memory")
+TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "betas", "checkpoint_every", "workers",
+              "log_every")
+CALIBRATION_DEFAULTS = {"false_alarm_rate": 0.01, "normals": 20}
+EVAL_DEFAULTS = {"batch_size": 8, "overlays": 6, "save_enrolled": True, "limit": None}
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used, named with its file and the key at fault."""
+
+
+def _check_keys(data: dict, allowed: tuple[str, ...] | set[str], where: str) -> None:
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def method_defaults(method: str) -> tuple[type, dict]:
+    """The method's hyperparameter dataclass and its training defaults (from its paper)."""
+    if method == "afclip":
+        from trainer.heads.afclip import AFCLIP_TRAINING, AfClipConfig
+
+        return AfClipConfig, AFCLIP_TRAINING
+    if method == "cmad":
+        from trainer.heads.cmad import CMAD_TRAINING, CmadConfig
+
+        return CmadConfig, CMAD_TRAINING
+    from trainer.heads.memory_head import MemoryHeadConfig
+
+    return MemoryHeadConfig, {}
+
+
+@dataclass
+class RunConfig:
+    """A parsed, resolved run config."""
+
+    name: str
+    method: str
+    backbone: BackboneSpec
+    train_data: list[DatasetSpec]
+    target_data: list[DatasetSpec]
+    head: dict
+    train: dict
+    seed: int = 0
+    shots: int = 0
+    fit: str | None = None
+    calibration: dict = field(default_factory=lambda: dict(CALIBRATION_DEFAULTS))
+    eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
+    source: str = "config"
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config", base: Path | None = None) -> RunConfig:
+        raw = copy.deepcopy(raw)
+        _check_keys(raw, ("name", "method", "backbone", "seed", "shots", "fit", "data", "head",
+                          "train", "calibration", "eval"), source)
+        method = raw.get("method")
+        if method not in METHODS:
+            raise ConfigError(f"{source}: method {method!r} unknown; choose one of {METHODS}")
+        backbone = raw.get("backbone", {"kind": "texture"})
+        if isinstance(backbone, str):
+            path = Path(backbone)
+            if not path.is_absolute() and not path.exists() and base is not None:
+                path = base / path
+            if not path.exists():
+                raise ConfigError(f"{source}: backbone file {backbone} not found")
+            backbone = BackboneSpec.from_yaml(path)
+        elif isinstance(backbone, dict):
+            backbone = BackboneSpec.from_dict(backbone.get("backbone", backbone), source)
+        data = raw.get("data") or {}
+        _check_keys(data, ("train", "target"), f"{source}: data")
+        train_data = [DatasetSpec.from_dict(d, f"{source}: data.train") for d in data.get("train") or []]
+        target_data = [DatasetSpec.from_dict(d, f"{source}: data.target") for d in data.get("target") or []]
+        names = [d.name for d in train_data + target_data]
+        if len(set(d.name for d in train_data)) != len(train_data):
+            raise ConfigError(f"{source}: auxiliary dataset names must be unique, got {names}")
+        head_cls, train_defaults = method_defaults(method)
+        head = raw.get("head") or {}
+        _check_keys(head, {f.name for f in fields(head_cls)}, f"{source}: head ({method})")
+        head = asdict(head_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in head.items()}))
+        train = raw.get("train") or {}
+        _check_keys(train, TRAIN_KEYS, f"{source}: train")
+        train = {"checkpoint_every": 100, "workers": 0, "log_every": 10, **train_defaults, **train}
+        given = raw.get("train") or {}
+        if "steps" in given:  # steps win over epochs (also over a method's default epochs)
+            train.pop("epochs", None)
+        elif "epochs" in given:
+            train.pop("steps", None)
+        train = _coerce(train, {"epochs": int, "steps": int, "batch_size": int, "lr": float,
+                                "checkpoint_every": int, "workers": int, "log_every": int},
+                        f"{source}: train")
+        train["betas"] = [float(b) for b in train.get("betas", (0.9, 0.999))]
+        calibration = {**CALIBRATION_DEFAULTS, **(raw.get("calibration") or {})}
+        _check_keys(calibration, tuple(CALIBRATION_DEFAULTS), f"{source}: calibration")
+        evaluation = {**EVAL_DEFAULTS, **(raw.get("eval") or {})}
+        _check_keys(evaluation, tuple(EVAL_DEFAULTS), f"{source}: eval")
+        shots = int(raw.get("shots", 0))
+        if shots < 0:
+            raise ConfigError(f"{source}: shots must be >= 0, got {shots}")
+        if method == "memory" and shots < 1:
+            raise ConfigError(f"{source}: method memory needs shots >= 1 (it has no zero-shot mode)")
+        if method in ("afclip", "cmad") and backbone.kind != "clip":
+            raise ConfigError(f"{source}: {method} needs a CLIP backbone (kind: clip), got "
+                              f"{backbone.kind}")
+        if method == "cmad" and not train_data:
+            raise ConfigError(f"{source}: cmad needs auxiliary datasets under data.train "
+                              "(one prototype set each)")
+        return cls(raw.get("name") or Path(source).stem, method, backbone, train_data, target_data,
+                   head, train, int(raw.get("seed", 0)), shots, raw.get("fit"), calibration,
+                   evaluation, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        """Read a YAML file; ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw, str(path), path.parent)
+
+    @property
+    def fit_mode(self) -> str:
+        """How images reach the input size: texture crops (no resampling), ViTs resize."""
+        return self.fit or ("center_crop" if self.backbone.kind == "texture" else "resize")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data (re-readable by :meth:`from_dict`)."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple | list):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain({
+            "name": self.name, "method": self.method,
+            "backbone": {k: v for k, v in asdict(self.backbone).items() if v is not None},
+            "seed": self.seed, "shots": self.shots, "fit": self.fit_mode,
+            "data": {"train": [d.as_dict() for d in self.train_data],
+                     "target": [d.as_dict() for d in self.target_data]},
+            "head": self.head, "train": self.train, "calibration": self.calibration,
+            "eval": self.eval,
+        })
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in a nested mapping (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def build_head(cfg: RunConfig):
+    """The method's head on its frozen backbone, as the config describes."""
+    from trainer.backbones import build_backbone, build_clip
+
+    if cfg.method == "afclip":
+        from trainer.heads.afclip import AfClipConfig, AfClipHead
+
+        head = AfClipHead(build_clip(cfg.backbone), AfClipConfig(**_tuples(cfg.head)))
+    elif cfg.method == "cmad":
+        from trainer.heads.cmad import CmadConfig, CmadHead
+
+        head = CmadHead(build_clip(cfg.backbone), [d.name for d in cfg.train_data],
+                        CmadConfig(**_tuples(cfg.head)))
+    else:
+        from trainer.heads.memory_head import MemoryHead, MemoryHeadConfig
+
+        head = MemoryHead(build_backbone(cfg.backbone), MemoryHeadConfig(**_tuples(cfg.head)))
+    head.fit_mode = cfg.fit_mode
+    return head
+
+
+def _coerce(d: dict, types: dict, where: str) -> dict:
+    """Numbers written as ``1e-3`` arrive from YAML as strings; convert or name the key."""
+    out = dict(d)
+    for key, typ in types.items():
+        if key in out and out[key] is not None:
+            try:
+                out[key] = typ(out[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{key} must be a {typ.__name__}, got {out[key]!r}") from None
+    return out
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

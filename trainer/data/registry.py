@@ -1,0 +1,81 @@
+"""Datasets named in run configs: ``{name, kind, root, split, ...}`` -> a dataset object.
+
+``kind`` is one of :data:`KINDS`. Extra keys go to the dataset class (``categories`` for
+MVTec / VisA / MVTec 3D-AD, ``kinds`` for textile, ``classes`` / ``per_class`` / ``size`` /
+``seed`` for synthetic). Kinds with a train split of normal images give the few-shot memory
+and the calibration normals from it; the others (``folder``, ``textile``) lend them from
+the test split's normal images, which are then left out of the evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.data.datasets import FolderDataset, MVTec3DAD, MVTecAD, TextileImages, VisA
+from trainer.data.sample import RecordDataset
+from trainer.data.synthetic import SyntheticDefects
+
+KINDS = ("mvtec", "visa", "mvtec3d", "folder", "textile", "synthetic")
+WITH_TRAIN_SPLIT = ("mvtec", "visa", "mvtec3d", "synthetic")
+OPTIONS = {
+    "mvtec": ("categories",), "visa": ("categories",), "mvtec3d": ("categories",),
+    "folder": ("class_name",), "textile": ("kinds",),
+    "synthetic": ("classes", "per_class", "size", "seed", "blob_radius"),
+}
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset entry of a run config."""
+
+    name: str
+    kind: str
+    root: str | None = None
+    split: str = "test"
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> DatasetSpec:
+        data = dict(data)
+        for key in ("name", "kind"):
+            if key not in data:
+                raise ValueError(f"{where}: dataset entry {data} lacks '{key}'")
+        if data["kind"] not in KINDS:
+            raise ValueError(f"{where}: dataset kind {data['kind']!r} unknown; choose one of {KINDS}")
+        name, kind = data.pop("name"), data.pop("kind")
+        root, split = data.pop("root", None), data.pop("split", "test")
+        unknown = set(data) - set(OPTIONS[kind])
+        if unknown:
+            raise ValueError(f"{where}: dataset {name!r} ({kind}) has unknown keys {sorted(unknown)}; "
+                             f"allowed besides name/kind/root/split: {list(OPTIONS[kind])}")
+        if kind not in ("textile", "synthetic") and root is None:
+            raise ValueError(f"{where}: dataset {name!r} ({kind}) needs a 'root' folder")
+        return cls(name, kind, root, split, data)
+
+    def as_dict(self) -> dict:
+        out = {"name": self.name, "kind": self.kind, "split": self.split, **self.options}
+        if self.root is not None:
+            out["root"] = self.root
+        return out
+
+    @property
+    def has_train_split(self) -> bool:
+        return self.kind in WITH_TRAIN_SPLIT
+
+    def open(self, split: str | None = None) -> RecordDataset:
+        """The dataset at ``split`` (default: the entry's own split)."""
+        split = split or self.split
+        o = self.options
+        if self.kind == "mvtec":
+            return MVTecAD(self.root, split, o.get("categories"))
+        if self.kind == "visa":
+            return VisA(self.root, split, o.get("categories"))
+        if self.kind == "mvtec3d":
+            return MVTec3DAD(self.root, split, o.get("categories"))
+        if self.kind == "folder":
+            return FolderDataset(self.root, o.get("class_name"))
+        if self.kind == "textile":
+            return TextileImages(o.get("kinds", TextileImages.KINDS), self.root)
+        return SyntheticDefects(split, tuple(o.get("classes", ("stripes",))),
+                                o.get("per_class", 32), o.get("size", 128), o.get("seed", 0),
+                                tuple(o.get("blob_radius", (10, 20))))

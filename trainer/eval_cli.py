@@ -1,0 +1,35 @@
+"""``edge-inspect eval --config X.yaml --checkpoint C``: metrics JSON and pictures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.config import RunConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="run config YAML")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint.safetensors from `edge-inspect train` (not needed by "
+                             "the training-free memory method)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: <checkpoint folder>/eval, or runs/<name>/eval)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set shots=4 (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_run, summary_table
+
+    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    if args.out is not None:
+        out = args.out
+    elif args.checkpoint is not None:
+        out = args.checkpoint.parent / ("eval" if cfg.shots == 0 else f"eval-{cfg.shots}shot")
+    else:
+        out = Path("runs") / cfg.name / "eval"
+    report = evaluate_run(cfg, args.checkpoint, out)
+    print(summary_table(report))
+    print(f"metrics and pictures: {out}")
+    return 0

@@ -1,0 +1,264 @@
+"""Evaluation: per target class, enroll K shots, score the test images, calibrate, draw.
+
+For every class of every target dataset:
+
+1. normal images for the few-shot memory and for calibration come from the class's train
+   split (or, for layouts without one, from the test split's normals, which then leave the
+   evaluation); a seeded draw picks ``shots`` for the memory and ``calibration.normals``
+   held-out normals;
+2. the head scores the test images (image score and map at the input resolution);
+3. metrics of the foundation issue (image AUROC / AP / F1-max, pixel AUROC / AP, AUPRO);
+4. thresholds: for a target false-alarm rate from the held-out normals, and F1-optimal
+   from the labelled test images; the stored one is the false-alarm one when there are
+   enough normals, else F1;
+5. with ``eval.save_enrolled``, an enrolled checkpoint per class (parameters + memory +
+   calibration) for export.
+
+Writes ``metrics.json`` (per class and mean), ``roc.png``, ``histograms.png`` and
+``overlays/<dataset>-<class>.png`` (worst misses and worst false alarms) per dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
+from trainer.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
+from trainer.config import RunConfig, build_head
+from trainer.data.batches import BatchLoader
+from trainer.data.registry import DatasetSpec
+from trainer.data.sample import RecordDataset
+from trainer.heads.base import AnomalyHead
+from trainer.metrics import evaluate
+from trainer.plots import overlay, plot_histograms, plot_roc, save_sheet
+
+log = logging.getLogger(__name__)
+Item = tuple[RecordDataset, int]
+
+
+def load_head(cfg: RunConfig, checkpoint: Path | None) -> AnomalyHead:
+    """Build the head and load trained parameters (and a stored memory, if any)."""
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg)
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        if ckpt.method != cfg.method:
+            raise ValueError(f"{checkpoint} holds a {ckpt.method} head but the config says "
+                             f"{cfg.method}")
+        head.load_trainable_state(ckpt.params)
+        head.load_memory_state(ckpt.memory)
+    elif head.trainable_state():
+        raise ValueError(f"{cfg.method} has trained parameters: pass --checkpoint "
+                         "<run dir>/checkpoint.safetensors (from `edge-inspect train`)")
+    return head.eval()
+
+
+def _class_seed(seed: int, name: str) -> list[int]:
+    return [seed, zlib.crc32(name.encode())]
+
+
+def split_normals(cfg: RunConfig, spec: DatasetSpec, test: RecordDataset,
+                  train: RecordDataset | None, cls: str) -> tuple[list[Item], list[Item], list[int]]:
+    """Seeded ``(shots, calibration normals, test indices)`` for one class."""
+    test_idx = [i for i, r in enumerate(test.records) if r.class_name == cls]
+    source = train if train is not None else test
+    pool = [i for i, r in enumerate(source.records) if r.class_name == cls and r.label == 0]
+    order = np.random.default_rng(_class_seed(cfg.seed, cls)).permutation(len(pool))
+    k, n_cal = cfg.shots, int(cfg.calibration["normals"])
+    if train is None:
+        n_cal = min(n_cal, max(0, len(pool) - k - 1))  # keep a normal image to test on
+    if len(pool) < k:
+        raise ValueError(f"{spec.name}/{cls}: {len(pool)} normal images, {k} shots asked")
+    chosen = [pool[j] for j in order[: k + n_cal]]
+    shots = [(source, i) for i in chosen[:k]]
+    calib = [(source, i) for i in chosen[k:]]
+    if train is None:
+        taken = set(chosen)
+        test_idx = [i for i in test_idx if i not in taken]
+    limit = cfg.eval.get("limit")
+    if limit and len(test_idx) > limit:
+        keep = np.random.default_rng(_class_seed(cfg.seed + 1, cls)).choice(len(test_idx), limit,
+                                                                            replace=False)
+        test_idx = [test_idx[j] for j in sorted(keep)]
+    return shots, calib, test_idx
+
+
+@torch.no_grad()
+def score_items(head: AnomalyHead, loader: BatchLoader, items: list[Item], batch_size: int,
+                desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores, maps, labels and masks of ``items``."""
+    scores, maps, labels, masks = [], [], [], []
+    for s in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
+        b = loader(items[s:s + batch_size])
+        score, amap = head(b.images)
+        scores.append(score.float().numpy())
+        maps.append(amap.float().numpy())
+        labels.append(b.labels.numpy())
+        masks.append(b.masks.numpy())
+    if not scores:
+        raise ValueError(f"{desc}: no images to score")
+    return np.concatenate(scores), np.concatenate(maps), np.concatenate(labels), np.concatenate(masks)
+
+
+def _calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader, calib: list[Item],
+               labels: np.ndarray, scores: np.ndarray, desc: str) -> dict:
+    out: dict = {}
+    target = float(cfg.calibration["false_alarm_rate"])
+    if calib:
+        normal_scores = score_items(head, loader, calib, cfg.eval["batch_size"], desc)[0]
+        try:
+            out["false_alarm"] = calibrate_false_alarm_rate(normal_scores, target).as_dict()
+        except ValueError as exc:
+            out["false_alarm_error"] = str(exc)
+    if labels.min() != labels.max():
+        out["f1"] = calibrate_f1(labels, scores).as_dict()
+    out["chosen"] = "false_alarm" if "false_alarm" in out else ("f1" if "f1" in out else None)
+    if out["chosen"] and "false_alarm" in out:
+        thr = out["false_alarm"]["threshold"]
+        normal, anomalous = scores[labels == 0], scores[labels == 1]
+        out["test_false_alarm_rate"] = float((normal > thr).mean()) if normal.size else None
+        out["test_miss_rate"] = float((anomalous <= thr).mean()) if anomalous.size else None
+    return out
+
+
+def _sheet(head: AnomalyHead, loader: BatchLoader, items: list[Item], scores: np.ndarray,
+           labels: np.ndarray, threshold: float | None, n: int, path: Path) -> None:
+    """Overlays of the lowest-scored anomalous and the highest-scored normal test images.
+
+    These are the misses and false alarms when the threshold gets them wrong, and the
+    closest calls otherwise; each caption says which.
+    """
+    bad = np.nonzero(labels == 1)[0]
+    good = np.nonzero(labels == 0)[0]
+    picks = [i for i in bad[np.argsort(scores[bad])][: (n + 1) // 2]]
+    picks += [i for i in good[np.argsort(-scores[good])][: n // 2]]
+    if not picks:
+        return
+    b = loader([items[i] for i in picks])
+    with torch.no_grad():
+        s, maps = head(b.images)
+    vmax = float(maps.max())
+    tiles = []
+    for pic, amap, mask, sample, sc in zip(b.pictures, maps.numpy(), b.masks.numpy(), b.samples,
+                                           s.numpy(), strict=True):
+        flagged = threshold is not None and sc > threshold
+        if sample.label:
+            verdict = "" if threshold is None else (" caught" if flagged else " MISSED")
+        else:
+            verdict = "" if threshold is None else (" FALSE ALARM" if flagged else " ok")
+        what = "anomalous" if sample.label else "normal"
+        tiles.append(overlay(pic, amap, mask, vmax,
+                             f"{what} {sample.path.name} score {sc:.4g}{verdict}"))
+    save_sheet(path, tiles)
+
+
+def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_dir: Path,
+                     ckpt_params: dict, tag: str) -> dict:
+    """Every class of one target dataset; returns its section of metrics.json."""
+    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode)
+    test = spec.open(spec.split)
+    needs_normals = cfg.shots > 0 or cfg.calibration["normals"] > 0
+    train = spec.open("train") if spec.has_train_split and needs_normals else None
+    classes, curves, hists = {}, {}, {}
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    for cls in test.class_names:
+        shots, calib, test_idx = split_normals(cfg, spec, test, train, cls)
+        if shots:
+            head.enroll(loader(shots).images)
+        else:
+            head.clear_memory()
+        items = [(test, i) for i in test_idx]
+        scores, maps, labels, masks = score_items(head, loader, items, cfg.eval["batch_size"],
+                                                  f"{tag}{spec.name}/{cls}")
+        row: dict = {"n_test": int(labels.size), "n_anomalous": int(labels.sum()),
+                     "shots": [str(ds.records[i].image) for ds, i in shots]}
+        if labels.min() != labels.max():
+            has_masks = bool(masks.any())
+            row |= evaluate(labels, scores, masks if has_masks else None,
+                            maps if has_masks else None).as_dict()
+        else:
+            row["note"] = "only one label among the test images: no AUROC"
+        row["calibration"] = cal = _calibrate(cfg, head, loader, calib, labels, scores,
+                                              f"{tag}{spec.name}/{cls} calibration")
+        chosen = cal[cal["chosen"]] if cal["chosen"] else None
+        threshold = chosen["threshold"] if chosen else None
+        classes[cls] = row
+        curves[cls] = (labels, scores, row.get("image_auroc") or float("nan"))
+        hists[cls] = (labels, scores, threshold)
+        _sheet(head, loader, items, scores, labels, threshold, int(cfg.eval["overlays"]),
+               out_dir / "overlays" / f"{spec.name}-{cls}.png")
+        if cfg.eval["save_enrolled"]:
+            save_checkpoint(out_dir / "enrolled" / f"{spec.name}-{cls}.safetensors",
+                            Checkpoint(cfg.method, cfg.to_yaml(), ckpt_params, head.memory_state(),
+                                       chosen, {"dataset": spec.name, "class": cls,
+                                                "shots": row["shots"]}))
+    metric_names = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro")
+    mean = {}
+    for m in metric_names:
+        vals = [r[m] for r in classes.values() if r.get(m) is not None]
+        mean[m] = float(np.mean(vals)) if vals else None
+    plot_roc(out_dir / f"roc-{spec.name}.png", curves, f"{cfg.name}: {spec.name} ({cfg.shots}-shot)")
+    plot_histograms(out_dir / f"histograms-{spec.name}.png", hists,
+                    f"{cfg.name}: {spec.name} image scores")
+    return {"classes": classes, "mean": mean}
+
+
+def evaluate_run(cfg: RunConfig, checkpoint: Path | None, out_dir: Path) -> dict:
+    """Evaluate on every target dataset (and every variant the head asks for)."""
+    if not cfg.target_data:
+        raise ValueError(f"{cfg.source}: no target datasets under data.target to evaluate on")
+    head = load_head(cfg, checkpoint)
+    params = {k: v.detach().clone() for k, v in head.trainable_state().items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants = head.evaluation_variants()
+    results = {}
+    for variant in variants:
+        head.set_variant(variant)
+        vdir = out_dir if len(variants) == 1 else out_dir / variant.replace(":", "-")
+        tag = "" if len(variants) == 1 else f"[{variant}] "
+        results[variant or "default"] = {
+            spec.name: evaluate_dataset(cfg, head, spec, vdir, params, tag) for spec in cfg.target_data
+        }
+
+    def overall(res: dict) -> float:
+        vals = [d["mean"]["image_auroc"] for d in res.values() if d["mean"]["image_auroc"] is not None]
+        return float(np.mean(vals)) if vals else float("-inf")
+
+    best = max(results, key=lambda v: overall(results[v]))
+    report = {"name": cfg.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+              "checkpoint": str(checkpoint) if checkpoint else None, "datasets": results[best]}
+    if len(variants) > 1:
+        report["variant"] = best
+        report["variants"] = results
+    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    return report
+
+
+def summary_table(report: dict) -> str:
+    """Markdown table of the mean metrics per dataset (what the CLI prints)."""
+    lines = ["| dataset | class | I-AUROC | I-AP | I-F1max | P-AUROC | P-AP | AUPRO | threshold |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    for name, d in report["datasets"].items():
+        for cls, r in d["classes"].items():
+            cal = r.get("calibration", {})
+            chosen = cal.get(cal.get("chosen")) if cal.get("chosen") else None
+            thr = f"{chosen['threshold']:.4g} ({cal['chosen']})" if chosen else "-"
+            lines.append(f"| {name} | {cls} | {f(r.get('image_auroc'))} | {f(r.get('image_ap'))} | "
+                         f"{f(r.get('image_f1_max'))} | {f(r.get('pixel_auroc'))} | "
+                         f"{f(r.get('pixel_ap'))} | {f(r.get('aupro'))} | {thr} |")
+        m = d["mean"]
+        lines.append(f"| {name} | **mean** | {f(m['image_auroc'])} | {f(m['image_ap'])} | "
+                     f"{f(m['image_f1_max'])} | {f(m['pixel_auroc'])} | {f(m['pixel_ap'])} | "
+                     f"{f(m['aupro'])} | |")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""The training loop: phases of Adam steps over auxiliary data, resumable at any step.
+
+State is written every ``checkpoint_every`` steps and at the end of each phase to
+``<run>/train_state.pt`` (parameters, optimizer moments, phase and step; tensors and
+numbers only, read back with ``weights_only=True``). ``--resume`` continues from it with
+the same batch order (batches are a seeded function of the step). At the end the
+trainable parameters go to ``<run>/checkpoint.safetensors`` with the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from trainer.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from trainer.config import RunConfig, build_head
+from trainer.data.batches import BatchLoader, StepBatches
+from trainer.heads.base import AnomalyHead, TrainPhase
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.pt"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+INIT_BATCHES = 4  # batches a head may look at before a phase starts (CMAD prototype init)
+
+
+class RunDirError(ValueError):
+    """A run folder that would be overwritten or does not match its config."""
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Create the run folder and write the resolved config; never clobber another run."""
+    config_file = run_dir / "config.yaml"
+    if config_file.exists():
+        if not resume:
+            raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                              "--run-dir to start a new one (nothing was changed)")
+        if config_file.read_text() != cfg.to_yaml():
+            raise RunDirError(f"{config_file} differs from the config given; resume with the "
+                              "same config (or start a new --run-dir)")
+        return
+    if resume:
+        raise RunDirError(f"nothing to resume in {run_dir} (no config.yaml)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(config_file, lambda tmp: tmp.write_text(cfg.to_yaml()))
+
+
+def _phase_steps(phase: TrainPhase, steps_per_epoch: int) -> int:
+    if phase.steps is not None:
+        return int(phase.steps)
+    if phase.epochs is None:
+        raise ValueError(f"phase {phase.name}: set train.epochs or train.steps")
+    return int(phase.epochs) * steps_per_epoch
+
+
+def _save_state(path: Path, head: AnomalyHead, phase: int, step: int,
+                optimizer: torch.optim.Optimizer | None) -> None:
+    """Training state; at a phase boundary the next phase starts a fresh optimizer."""
+    state = {"phase": phase, "step": step,
+             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "params": {k: v.detach().clone() for k, v in head.trainable_state().items()}}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
+    """Train the head the config describes; returns the checkpoint path."""
+    prepare_run_dir(cfg, run_dir, resume)
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg)
+    datasets = {d.name: d.open() for d in cfg.train_data}
+    for d in cfg.train_data:
+        log.info("auxiliary %s: %r", d.name, datasets[d.name])
+    phases = head.training_phases(list(datasets), cfg.train)
+    if phases and not datasets:
+        raise ValueError(f"{cfg.source}: {cfg.method} trains on auxiliary data; list it under data.train")
+    start_phase, start_step, opt_state = 0, 0, None
+    state_file = run_dir / STATE_FILE
+    if resume and state_file.exists():
+        state = torch.load(state_file, weights_only=True)
+        head.load_trainable_state(state["params"])
+        start_phase, start_step, opt_state = state["phase"], state["step"], state["optimizer"]
+        log.info("resuming at phase %d step %d", start_phase, start_step)
+    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode)
+    log_file = run_dir / "train_log.jsonl"
+    for p, phase in enumerate(phases):
+        if p < start_phase:
+            continue
+        source = StepBatches([datasets[n] for n in phase.datasets], cfg.train["batch_size"],
+                             (cfg.seed, p), loader)
+        total = _phase_steps(phase, source.steps_per_epoch)
+        optimizer = torch.optim.Adam(phase.parameters, lr=cfg.train["lr"],
+                                     betas=tuple(cfg.train["betas"]))
+        first = start_step if p == start_phase else 0
+        if p == start_phase and opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        if first >= total:
+            continue
+        if first == 0:
+            head.begin_phase(phase, [source[s] for s in range(min(INIT_BATCHES, total))])
+        batches = torch.utils.data.DataLoader(source, batch_size=None, sampler=range(first, total),
+                                              num_workers=cfg.train["workers"])
+        head.train()
+        bar = tqdm(batches, total=total, initial=first, desc=f"train {phase.name}", unit="step")
+        t0 = time.perf_counter()
+        for step, (images, labels, masks) in enumerate(bar, start=first):
+            loss, parts = head.loss(images, labels, masks, phase)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at phase {phase.name} step "
+                                         f"{step}; lower train.lr (state kept at the last save)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            done = step + 1
+            if done % cfg.train["log_every"] == 0 or done == total:
+                record = {"phase": phase.name, "step": done, "loss": loss.item(), **parts,
+                          "seconds": round(time.perf_counter() - t0, 2)}
+                with log_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if done % cfg.train["checkpoint_every"] == 0 and done < total:
+                _save_state(state_file, head, p, done, optimizer)
+        _save_state(state_file, head, p + 1, 0, None)
+        head.eval()
+    path = save_checkpoint(run_dir / CHECKPOINT_FILE,
+                           Checkpoint(cfg.method, cfg.to_yaml(), head.trainable_state()))
+    log.info("wrote %s", path)
+    return path

@@ -1,0 +1,96 @@
+"""What every method offers the fit / evaluate loops, the checkpoint and the exporter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trainer.backbones.base import Backbone
+
+
+@dataclass
+class TrainPhase:
+    """One stretch of optimisation: which auxiliary datasets feed which parameters.
+
+    AF-CLIP has one phase over all auxiliary data; CMAD one phase per auxiliary dataset
+    (each dataset trains its own prototype set). ``steps`` counts optimiser steps; when
+    None the phase runs ``epochs`` passes over its data.
+    """
+
+    name: str
+    datasets: list[str]
+    parameters: list[nn.Parameter] = field(repr=False)
+    epochs: int | None = None
+    steps: int | None = None
+    context: dict = field(default_factory=dict)
+
+
+class AnomalyHead(nn.Module):
+    """A frozen backbone plus a method's head.
+
+    ``forward(images)`` returns ``(image_score (B,), anomaly_map (B, H, W))`` at the input
+    resolution, after the method's own post-processing: exactly what the exported graph
+    computes. Subclasses set ``method`` and ``backbone`` and override what applies.
+    """
+
+    method: str = ""
+    backbone: Backbone
+    fit_mode: str = "resize"  # how images are brought to the input size (data.transforms)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Named trainable parameters: all that a checkpoint stores besides memories."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`trainable_state` tensors; any missing or unexpected name is an error."""
+        own = self.trainable_state()
+        missing, unexpected = set(own) - set(state), set(state) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit this {self.method} head: missing "
+                             f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, tensor in state.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"the head expects {tuple(own[name].shape)}; was it trained "
+                                 "with another backbone or config?")
+            with torch.no_grad():
+                own[name].copy_(tensor)
+
+    def training_phases(self, datasets: list[str], settings: dict) -> list[TrainPhase]:
+        """The phases that train this head on the named auxiliary datasets (none: no training)."""
+        return []
+
+    def begin_phase(self, phase: TrainPhase, batches: list[tuple[torch.Tensor, ...]]) -> None:
+        """Called once before a phase's first step with its first batches (data-driven init)."""
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+             phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{self.method} has nothing to train")
+
+    def evaluation_variants(self) -> list[str | None]:
+        """Settings the evaluator should run one after another (None: the configured one)."""
+        return [None]
+
+    def set_variant(self, variant: str | None) -> None:
+        """Switch to one of :meth:`evaluation_variants`."""
+
+    @property
+    def supports_memory(self) -> bool:
+        return False
+
+    def enroll(self, shots: torch.Tensor) -> None:
+        """Build the few-shot memory from K normal images ``(K, 3, H, W)``."""
+        raise NotImplementedError(f"{self.method} has no few-shot memory")
+
+    def clear_memory(self) -> None:
+        """Back to the zero-shot model."""
+
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """The few-shot memory as named tensors (empty without one)."""
+        return {}
+
+    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise NotImplementedError(f"{self.method} has no few-shot memory")
