@@ -214,7 +214,6 @@ def build_head(cfg: RunConfig):
         from trainer.heads.memory_head import MemoryHead, MemoryHeadConfig
 
         head = MemoryHead(build_backbone(cfg.backbone), MemoryHeadConfig(**_tuples(cfg.head)))
-    head.fit_mode = cfg.fit_mode
     return head
 
 

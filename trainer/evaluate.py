@@ -247,7 +247,7 @@ def summary_table(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
-        return "-" if v is None else f"{100 * v:.1f}"
+        return "-" if v is None else f"{100 * v:.2f}"
 
     for name, d in report["datasets"].items():
         for cls, r in d["classes"].items():

@@ -170,6 +170,10 @@ class AfClipHead(AnomalyHead):
             self._text_cache = t.detach()
         return self._text_cache
 
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_trainable_state(state)
+        self._text_cache = None  # the prompt changed
+
     def train(self, mode: bool = True) -> AfClipHead:
         super().train(mode)
         self.clip.eval()  # the backbone stays frozen (no dropout anyway; LayerNorm only)

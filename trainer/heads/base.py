@@ -37,7 +37,6 @@ class AnomalyHead(nn.Module):
 
     method: str = ""
     backbone: Backbone
-    fit_mode: str = "resize"  # how images are brought to the input size (data.transforms)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Named trainable parameters: all that a checkpoint stores besides memories."""

@@ -64,7 +64,6 @@ class MemoryHead(AnomalyHead):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
-        self.fit_mode = "center_crop" if type(backbone).__name__ == "TextureBackbone" else "resize"
         used = set(cfg.local_taps) | (set(cfg.global_taps) if cfg.use_global else set())
         self.taps = tuple(sorted(used))
         backbone.check_layers(self.taps)
