@@ -24,16 +24,27 @@ from torch import nn
 METRICS = ("cosine", "standardized")
 
 
+def nearest_cosine_distance(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """AF-CLIP+ Eq. 17 / CMAD Eq. 12: ``min_b (1 - <q, b>) / 2`` for ``(B, N, C)`` queries.
+
+    ``bank`` ``(M, C)`` must already be L2-normalized; one matmul and a min, so the same
+    code runs eagerly and as an exported graph (the bank can be a graph input).
+    """
+    q = F.normalize(query, dim=-1)
+    return ((1.0 - q @ bank.T) / 2.0).amin(dim=-1)
+
+
 class PatchMemory(nn.Module):
     """Normal patch features of K shots; scores are nearest-neighbour distances.
 
     Args:
         patches: ``(K, N, C)`` patch tokens of the shots (CLS excluded).
         metric: ``cosine`` or ``standardized`` (see module docstring).
-        chunk: query rows per distance block, bounding memory use.
+        chunk: query rows per distance block, bounding memory use; None: one block (what the
+            exported graph does, so it keeps a dynamic batch size).
     """
 
-    def __init__(self, patches: torch.Tensor, metric: str = "cosine", chunk: int = 1024) -> None:
+    def __init__(self, patches: torch.Tensor, metric: str = "cosine", chunk: int | None = None) -> None:
         super().__init__()
         if metric not in METRICS:
             raise ValueError(f"memory metric {metric!r} unknown; choose one of {METRICS}")
@@ -51,6 +62,19 @@ class PatchMemory(nn.Module):
         self.register_buffer("bank", self.embed(flat))
         self.shots, self.per_shot = patches.shape[0], patches.shape[1]
 
+    @classmethod
+    def from_state(cls, bank: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   metric: str) -> PatchMemory:
+        """A memory from stored tensors, used as they are (no copy: an export can bind inputs)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.metric, self.chunk = metric, None
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.register_buffer("bank", bank)
+        self.shots, self.per_shot = 1, bank.shape[0]
+        return self
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features as the memory compares them (normalized or standardized)."""
         if self.metric == "cosine":
@@ -58,10 +82,14 @@ class PatchMemory(nn.Module):
         return (x.float() - self.mean) / self.std
 
     @staticmethod
-    def _nearest(query: torch.Tensor, bank: torch.Tensor, metric: str, chunk: int) -> torch.Tensor:
+    def _nearest(query: torch.Tensor, bank: torch.Tensor, metric: str,
+                 chunk: int | None) -> torch.Tensor:
+        if chunk is None:
+            chunks = [query]
+        else:
+            chunks = [query[s:s + chunk] for s in range(0, query.shape[0], chunk)]
         out = []
-        for start in range(0, query.shape[0], chunk):
-            q = query[start:start + chunk]
+        for q in chunks:
             if metric == "cosine":
                 out.append(((1.0 - q @ bank.T) / 2.0).min(dim=1).values)
             else:
@@ -122,8 +150,8 @@ class WindowGaussian(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.window, self.stride, self.ridge = window, stride, 0.0
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("precision", precision.float())
+        self.register_buffer("mean", mean)
+        self.register_buffer("precision", precision)
         return self
 
     def _gaussian(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,7 @@ from trainer.backbones.clip import ClipModel
 from trainer.backbones.clip_tokenizer import tokenize
 from trainer.heads.base import AnomalyHead, TrainPhase
 from trainer.losses import binary_focal_loss, patch_alignment_loss
-from trainer.memory import PatchMemory
+from trainer.memory import nearest_cosine_distance
 from trainer.smoothing import GaussianSmoothing
 
 
@@ -154,7 +154,7 @@ class AfClipHead(AnomalyHead):
         self.register_buffer("prompt_tokens", tokenize(list(cfg.prompts), clip.cfg.context_length),
                              persistent=False)
         self.smooth = GaussianSmoothing(cfg.map_sigma)
-        self.memories = nn.ModuleList()
+        self.bank: torch.Tensor | None = None  # (sets, K * N, C) normalized, AF-CLIP+ only
         self._text_cache: torch.Tensor | None = None
 
     # -- text ------------------------------------------------------------------------------
@@ -205,14 +205,19 @@ class AfClipHead(AnomalyHead):
                            mode="bilinear", align_corners=False)
         return self.smooth(up.squeeze(1))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_features(self, images: torch.Tensor):
+        """Scores, maps, and the frozen aggregated patch sets ``features (S, B, N, C)`` that
+        AF-CLIP+ enrollment stores (normalized) as its memory."""
         sets = self.token_sets(images)
         p, _ = self.probabilities(sets)
         p_cls, p_map = p[:, 0], p[:, 1:]
-        if len(self.memories):
+        features = {"features": torch.stack([s[:, 1:] for s in sets])}
+        if self.bank is not None:
             a = self.memory_scores(sets)
-            return a.amax(dim=1) + self.cfg.alpha * p_cls, self._to_image(a + self.cfg.beta * p_map)
-        return p_cls, self._to_image(p_map)
+            score, grid_map = a.amax(dim=1) + self.cfg.alpha * p_cls, a + self.cfg.beta * p_map
+        else:
+            score, grid_map = p_cls, p_map
+        return score, self._to_image(grid_map), features
 
     # -- training --------------------------------------------------------------------------
     def training_phases(self, datasets: list[str], settings: dict) -> list[TrainPhase]:
@@ -244,28 +249,27 @@ class AfClipHead(AnomalyHead):
     def enroll(self, shots: torch.Tensor) -> None:
         with torch.no_grad():
             sets = self.token_sets(shots)
-        self.memories = nn.ModuleList(PatchMemory(s[:, 1:], "cosine") for s in sets)
+        self.bank = torch.stack([F.normalize(x[:, 1:].reshape(-1, x.shape[-1]), dim=-1)
+                                 for x in sets])
 
     def clear_memory(self) -> None:
-        self.memories = nn.ModuleList()
+        self.bank = None
 
     def memory_scores(self, sets: list[torch.Tensor]) -> torch.Tensor:
-        """Eq. 17 averaged over the sets: ``(B, N)``."""
-        return torch.stack([m(s[:, 1:]) for m, s in zip(self.memories, sets, strict=True)]).mean(0)
+        """Eq. 17 averaged over the sets: ``(B, N)``; one matmul per set against its bank."""
+        scores = [nearest_cosine_distance(s[:, 1:], self.bank[i]) for i, s in enumerate(sets)]
+        return torch.stack(scores).mean(0)
 
     def memory_state(self) -> dict[str, torch.Tensor]:
-        return {f"bank_{i}": m.bank for i, m in enumerate(self.memories)}
+        return {} if self.bank is None else {"bank": self.bank}
 
     def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
             self.clear_memory()
             return
         n_sets = len(self.cfg.taps) * len(self.cfg.scales)
-        if sorted(state) != sorted(f"bank_{i}" for i in range(n_sets)):
-            raise ValueError(f"AF-CLIP+ memory needs banks bank_0..bank_{n_sets - 1}, "
-                             f"got {sorted(state)}")
-        memories = []
-        for i in range(n_sets):
-            bank = state[f"bank_{i}"]
-            memories.append(PatchMemory(bank.unsqueeze(0), "cosine"))
-        self.memories = nn.ModuleList(memories)
+        bank = state.get("bank")
+        if set(state) != {"bank"} or bank.ndim != 3 or bank.shape[0] != n_sets:
+            raise ValueError(f"AF-CLIP+ memory must be one tensor 'bank' of shape ({n_sets}, M, C), "
+                             f"got { {k: tuple(v.shape) for k, v in state.items()} }")
+        self.bank = bank.float()

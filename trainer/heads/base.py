@@ -38,6 +38,18 @@ class AnomalyHead(nn.Module):
     method: str = ""
     backbone: Backbone
 
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, H, W)`` normalized images -> image scores ``(B,)`` and maps ``(B, H, W)``."""
+        score, amap, _ = self.forward_with_features(images)
+        return score, amap
+
+    def forward_with_features(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Scores, maps, and the named features from which :meth:`enroll` builds the memory
+        (export makes them graph outputs, so a bundle can be enrolled without torch)."""
+        raise NotImplementedError
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Named trainable parameters: all that a checkpoint stores besides memories."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}

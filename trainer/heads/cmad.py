@@ -45,7 +45,7 @@ from torch import nn
 from trainer.backbones.clip import ClipModel
 from trainer.heads.base import AnomalyHead, TrainPhase
 from trainer.losses import dice_loss, softmax_focal_loss
-from trainer.memory import PatchMemory
+from trainer.memory import nearest_cosine_distance
 
 COMPONENTS = ("both", "global", "local")
 AGGREGATIONS = ("harmonized", "max", "mean", "best")
@@ -102,7 +102,7 @@ class CmadHead(AnomalyHead):
         e, m = clip.cfg.embed_dim, len(prototype_sets)
         self.global_prototypes = nn.Parameter(torch.randn(m, 2, e) * e**-0.5)
         self.local_prototypes = nn.Parameter(torch.randn(m, 2, e) * e**-0.5)
-        self.memories = nn.ModuleList()
+        self.bank: torch.Tensor | None = None  # (taps, K * N, E) normalized, few-shot only
 
     def _check_aggregation(self, name: str) -> str:
         if name in AGGREGATIONS:
@@ -169,15 +169,19 @@ class CmadHead(AnomalyHead):
             s_z = self.cfg.lam * s_g + (1 - self.cfg.lam) * topk_mean(local_map, self.cfg.topk)
         return s_z, local_map
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_features(self, images: torch.Tensor):
+        """Scores, maps, and the projected patch tokens per tap ``features (T, B, N, E)`` that
+        the Visual Discrepancy memory stores (normalized)."""
         f_g, f_l = self.features(images)
         s_z, local_map = self.zero_shot(f_g, f_l)
-        if not len(self.memories):
-            return s_z, local_map
-        q = torch.stack([m(f) for m, f in zip(self.memories, f_l, strict=True)]).mean(0)
+        features = {"features": torch.stack(f_l)}
+        if self.bank is None:
+            return s_z, local_map, features
+        q = torch.stack([nearest_cosine_distance(f, self.bank[i]) for i, f in enumerate(f_l)]).mean(0)
         q_map = self._upsample(q)
         lp = self.cfg.lam_prime
-        return lp * s_z + (1 - lp) * topk_mean(q_map, self.cfg.topk), lp * local_map + (1 - lp) * q_map
+        return (lp * s_z + (1 - lp) * topk_mean(q_map, self.cfg.topk),
+                lp * local_map + (1 - lp) * q_map, features)
 
     # -- evaluation variants (the "Best" ablation) ---------------------------------------------
     def evaluation_variants(self) -> list[str | None]:
@@ -260,22 +264,21 @@ class CmadHead(AnomalyHead):
     def enroll(self, shots: torch.Tensor) -> None:
         with torch.no_grad():
             _, f_l = self.features(shots)
-        self.memories = nn.ModuleList(PatchMemory(f, "cosine") for f in f_l)
+        self.bank = torch.stack([F.normalize(f.reshape(-1, f.shape[-1]), dim=-1) for f in f_l])
 
     def clear_memory(self) -> None:
-        self.memories = nn.ModuleList()
+        self.bank = None
 
     def memory_state(self) -> dict[str, torch.Tensor]:
-        if not len(self.memories):
-            return {}
-        return {f"tap_{t}": m.bank for t, m in zip(self.cfg.taps, self.memories, strict=True)}
+        return {} if self.bank is None else {"bank": self.bank}
 
     def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
             self.clear_memory()
             return
-        want = sorted(f"tap_{t}" for t in self.cfg.taps)
-        if sorted(state) != want:
-            raise ValueError(f"CMAD memory needs {want}, got {sorted(state)}")
-        self.memories = nn.ModuleList(PatchMemory(state[f"tap_{t}"].unsqueeze(0), "cosine")
-                                      for t in self.cfg.taps)
+        bank = state.get("bank")
+        n = len(self.cfg.taps)
+        if set(state) != {"bank"} or bank.ndim != 3 or bank.shape[0] != n:
+            raise ValueError(f"CMAD memory must be one tensor 'bank' of shape ({n}, M, E), got "
+                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+        self.bank = bank.float()

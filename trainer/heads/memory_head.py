@@ -96,7 +96,7 @@ class MemoryHead(AnomalyHead):
         with torch.no_grad():
             local, glob = self._features(shot_taps)
             self.local = PatchMemory(local, self.cfg.metric)
-            self.register_buffer("local_reference", self.local.fold_reference(self.backbone.grid))
+            self.local_reference = self.local.fold_reference(self.backbone.grid)
             self.glob = (WindowGaussian(glob, self.cfg.window, self.cfg.stride)
                          if self.cfg.use_global else None)
 
@@ -113,13 +113,18 @@ class MemoryHead(AnomalyHead):
         return state
 
     def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Use stored memory tensors as they are (an exported graph binds its inputs here)."""
         if not state:
             self.clear_memory()
             return
-        bank = state["local.bank"]
-        self.local = PatchMemory(bank.unsqueeze(0), self.cfg.metric)
-        self.local.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("local.")})
-        self.register_buffer("local_reference", state["local_reference"])
+        want = {"local.bank", "local.mean", "local.std", "local_reference"}
+        if self.cfg.use_global:
+            want |= {"global.mean", "global.precision"}
+        if set(state) != want:
+            raise ValueError(f"memory head state needs {sorted(want)}, got {sorted(state)}")
+        self.local = PatchMemory.from_state(state["local.bank"], state["local.mean"],
+                                            state["local.std"], self.cfg.metric)
+        self.local_reference = state["local_reference"]
         if self.cfg.use_global:
             self.glob = WindowGaussian.from_state(state["global.mean"], state["global.precision"],
                                                   self.cfg.window, self.cfg.stride)
@@ -162,9 +167,13 @@ class MemoryHead(AnomalyHead):
         rows, cols = self.backbone.grid
         return score, patch.reshape(-1, rows, cols)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 3, H, W)`` -> image scores ``(B,)`` and maps ``(B, H, W)`` (bilinear upsampling)."""
-        score, grid_map = self.score_taps(self.backbone.forward_taps(images, self.taps))
+    def forward_with_features(self, images: torch.Tensor):
+        """Scores, maps (bilinear to the input size), and the detectors' input features
+        (``local (B, N, C)``, ``global (B, C', rows, cols)``) that enrollment fits."""
+        taps = self.backbone.forward_taps(images, self.taps)
+        score, grid_map = self.score_taps(taps)
         up = F.interpolate(grid_map.unsqueeze(1), size=self.backbone.input_size, mode="bilinear",
                            align_corners=False)
-        return score, up.squeeze(1)
+        local, glob = self._features(taps)
+        features = {"local": local} | ({"global": glob} if glob is not None else {})
+        return score, up.squeeze(1), features
