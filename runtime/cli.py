@@ -33,6 +33,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("train", "train a method's head from a run config (then evaluate)", "trainer.train_cli"),
     Subcommand("eval", "evaluate a checkpoint: metrics JSON, ROC, histograms, overlays",
                "trainer.eval_cli"),
+    Subcommand("export", "export a run as a bundle (ONNX + manifest), with a parity gate",
+               "export.cli"),
     Subcommand("info", "versions and available engine backends", "runtime.info"),
     Subcommand(
         "inspect-weights",

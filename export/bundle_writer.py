@@ -1,0 +1,196 @@
+"""``edge-inspect export``: a run's head -> a bundle folder, written only if parity holds.
+
+Steps: build the head from the run's config, load the checkpoint (an enrolled one brings
+the few-shot memory and the threshold), export the graph (opset 17, fixed input size,
+dynamic batch and memory rows), run torch and ONNX Runtime (CPU, fp32) on real images and
+refuse to write unless image scores agree within 1e-4 and maps within 1e-3, then write
+``model.onnx``, ``memory.npz``, ``parity.json`` and ``manifest.json`` (sha256 of every file)
+into a temporary folder renamed into place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.graph import ExportGraph, batch_axes
+from runtime.bundle import MANIFEST, SCHEMA_VERSION, load_bundle, sha256_file
+from trainer.checkpoint import load_checkpoint
+from trainer.config import RunConfig
+from trainer.data.sample import IMAGE_SUFFIXES, read_rgb
+from trainer.data.transforms import fit_image, to_batch
+from trainer.evaluate import load_head
+
+log = logging.getLogger(__name__)
+OPSET = 17
+SCORE_TOL, MAP_TOL = 1e-4, 1e-3
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce the torch model; no bundle is written."""
+
+
+OUTPUT_MEANING = {
+    "image_score": "anomaly score per image; anomalous when > threshold",
+    "anomaly_map": "per-pixel anomaly map at the input size, after the method's smoothing",
+}
+
+
+def parity_images(cfg: RunConfig, folder: Path | None, count: int) -> list[np.ndarray]:
+    """Real images: from ``folder``, else from the run's target (or auxiliary) test data."""
+    if folder is not None:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images in {folder} for the parity check")
+        return [read_rgb(p) for p in files[:count]]
+    specs = cfg.target_data or cfg.train_data
+    if not specs:
+        raise ValueError("the run names no datasets; pass --images DIR for the parity check")
+    ds = specs[0].open(specs[0].split)
+    rng = np.random.default_rng(cfg.seed)
+    picks = rng.choice(len(ds), size=min(count, len(ds)), replace=False)
+    return [ds[int(i)].image for i in sorted(picks)]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "opset": str(OPSET)}
+    for name in ("edge-inspect", "torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
+                  images: Path | None = None, parity_count: int = 8) -> Path:
+    """Export a run's head as a bundle at ``out``; returns ``out``."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out (bundles are never overwritten)")
+    cfg = RunConfig.from_yaml(run_dir / "config.yaml")
+    checkpoint = checkpoint or run_dir / "checkpoint.safetensors"
+    ckpt = load_checkpoint(checkpoint)
+    head = load_head(cfg, checkpoint)
+    if cfg.method == "memory" and not ckpt.memory:
+        raise ValueError(f"{checkpoint} has no few-shot memory; the memory method needs an "
+                         "enrolled checkpoint (eval writes them: "
+                         f"{run_dir}/eval/enrolled/<dataset>-<class>.safetensors)")
+    memory = {k: v.detach().float().contiguous() for k, v in head.memory_state().items()}
+    h, w = head.backbone.input_size
+    pictures = [fit_image(im, (h, w), cfg.fit_mode) for im in parity_images(cfg, images, parity_count)]
+    frames = np.stack(pictures)
+
+    batch = to_batch(pictures, (h, w), head.backbone.normalization, cfg.fit_mode)
+    with torch.no_grad():
+        want_score, want_map, want_feats = head.forward_with_features(batch)
+    feature_names = sorted(want_feats)
+    axes = batch_axes(head, batch)
+    graph = ExportGraph(head, list(memory), feature_names).eval()
+    example = torch.from_numpy(frames[:2].copy())
+    if example.shape[0] < 2:
+        example = example.repeat(2, 1, 1, 1)
+    input_names = ["image"] + [f"memory.{k}" for k in memory]
+    output_names = ["image_score", "anomaly_map"] + [f"feature.{k}" for k in feature_names]
+    dynamic = {"image": {0: "batch"}, "image_score": {0: "batch"}, "anomaly_map": {0: "batch"}}
+    for k in feature_names:
+        dynamic[f"feature.{k}"] = {axes[k]: "batch"}
+    for k, v in memory.items():
+        if v.ndim >= 2:
+            dynamic[f"memory.{k}"] = {v.ndim - 2: "memory_rows"}
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        model_path = tmp / "model.onnx"
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (example, *memory.values()), str(model_path), opset_version=OPSET,
+                              dynamo=False, input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic, do_constant_folding=True)
+        head.load_memory_state(memory)  # export bound graph inputs into the head: restore
+        log.info("exported %s in %.1f s", model_path, time.perf_counter() - t0)
+        files = ["model.onnx"]
+        if memory:
+            np.savez(tmp / "memory.npz", **{k: v.numpy() for k, v in memory.items()})
+            files.append("memory.npz")
+        report = _parity(tmp, files, frames, want_score.numpy(), want_map.numpy(), cfg, memory)
+        (tmp / "parity.json").write_text(json.dumps(report, indent=2))
+        files.append("parity.json")
+        if not report["passed"]:
+            raise ParityError(f"exported graph disagrees with torch: score max diff "
+                              f"{report['score_max_abs_diff']:.3g} (limit {SCORE_TOL}), map max diff "
+                              f"{report['map_max_abs_diff']:.3g} (limit {MAP_TOL}); no bundle written")
+        manifest = _manifest(cfg, ckpt, checkpoint, head, memory, want_feats, axes, files, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        load_bundle(tmp)  # the runtime's own reader accepts it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _parity(folder: Path, files: list[str], frames: np.ndarray, want_score: np.ndarray,
+            want_map: np.ndarray, cfg: RunConfig, memory: dict) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"image": frames} | {f"memory.{k}": v.numpy() for k, v in memory.items()}
+    got_score, got_map = sess.run(["image_score", "anomaly_map"], feeds)
+    ds = float(np.abs(got_score - want_score).max())
+    dm = float(np.abs(got_map - want_map).max())
+    return {"images": int(len(frames)), "backend": "onnxruntime CPUExecutionProvider fp32",
+            "score_max_abs_diff": ds, "map_max_abs_diff": dm,
+            "score_tolerance": SCORE_TOL, "map_tolerance": MAP_TOL,
+            "passed": bool(ds <= SCORE_TOL and dm <= MAP_TOL),
+            "torch_scores": want_score.tolist(), "onnx_scores": got_score.tolist()}
+
+
+def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats: dict,
+              axes: dict[str, int], files: list[str], folder: Path) -> dict:
+    h, w = head.backbone.input_size
+    norm = head.backbone.normalization
+    outputs = [{"name": "image_score", "shape": ["batch"], "dtype": "float32",
+                "meaning": OUTPUT_MEANING["image_score"]},
+               {"name": "anomaly_map", "shape": ["batch", h, w], "dtype": "float32",
+                "meaning": OUTPUT_MEANING["anomaly_map"]}]
+    for k in sorted(feats):
+        shape: list = list(feats[k].shape)
+        shape[axes[k]] = "batch"
+        outputs.append({"name": f"feature.{k}", "shape": shape, "dtype": "float32",
+                        "meaning": f"features the few-shot memory is built from ({cfg.method} enroll)"})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": cfg.name,
+        "method": cfg.method,
+        "backbone": {k: v for k, v in cfg.to_dict()["backbone"].items()},
+        "model": "model.onnx",
+        "input": {"name": "image", "height": h, "width": w, "layout": "NHWC", "dtype": "uint8",
+                  "color": "RGB", "modality": "rgb", "fit": cfg.fit_mode,
+                  "resize_interpolation": "bicubic" if cfg.fit_mode == "resize" else None,
+                  "normalization": {"mean": list(norm.mean), "std": list(norm.std),
+                                    "formula": "(x / 255 - mean) / std", "in_graph": True}},
+        "outputs": outputs,
+        "memory": ({"file": "memory.npz", "arrays": {k: list(v.shape) for k, v in memory.items()},
+                    "inputs": [f"memory.{k}" for k in memory]} if memory else None),
+        "shots": cfg.shots if memory else 0,
+        "threshold": ckpt.calibration,
+        "config": cfg.to_dict(),
+        "checkpoint": {"file": str(checkpoint), "sha256": sha256_file(checkpoint),
+                       "enrollment": ckpt.extra or None},
+        "files": {name: sha256_file(folder / name) for name in files},
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,30 @@
+"""``edge-inspect export --run DIR --out BUNDLE``: a trained run as a served bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="run folder (from `edge-inspect train`)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint to export (default <run>/checkpoint.safetensors; an enrolled "
+                             "one from <run>/eval/enrolled/ brings the few-shot memory and threshold)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="folder of real images for the parity check (default: the run's data)")
+    parser.add_argument("--parity-images", type=int, default=8, help="images in the parity check")
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.bundle_writer import export_bundle
+
+    out = export_bundle(args.run, args.out, args.checkpoint, args.images, args.parity_images)
+    report = json.loads((out / "parity.json").read_text())
+    print(f"bundle: {out}")
+    print(f"parity on {report['images']} images ({report['backend']}): score max |diff| "
+          f"{report['score_max_abs_diff']:.2e} (<= {report['score_tolerance']}), map max |diff| "
+          f"{report['map_max_abs_diff']:.2e} (<= {report['map_tolerance']})")
+    return 0

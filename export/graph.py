@@ -1,0 +1,53 @@
+"""The exported graph: uint8 RGB frames (+ few-shot memory) -> score, map, features.
+
+Normalization moves into the graph (``/255``, ``-mean``, ``/std`` in the order
+``trainer.data.transforms.to_batch`` uses), so the runtime only fits frames to the input
+size. Few-shot memories are graph *inputs* (``memory.<name>``), fed from the bundle's
+``memory.npz``: enrollment can replace them without rebuilding the graph. The features the
+memory is built from are extra outputs (``feature.<name>``). Positional embeddings, text
+features (AF-CLIP), the Gaussian kernels and the map smoothing are constants or ops inside
+the graph, identical to the torch evaluation (the parity gate checks it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.heads.base import AnomalyHead
+
+
+class ExportGraph(nn.Module):
+    """Wraps a head for ``torch.onnx.export``; ``memory_names`` order the memory inputs."""
+
+    def __init__(self, head: AnomalyHead, memory_names: list[str], feature_names: list[str]) -> None:
+        super().__init__()
+        self.head = head.eval()
+        self.memory_names = list(memory_names)
+        self.feature_names = list(feature_names)
+        norm = head.backbone.normalization
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor, *memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = image.permute(0, 3, 1, 2).float() / 255.0
+        x = (x - self.mean) / self.std
+        if self.memory_names:
+            self.head.load_memory_state(dict(zip(self.memory_names, memory, strict=True)))
+        score, amap, features = self.head.forward_with_features(x)
+        return (score, amap, *[features[k] for k in self.feature_names])
+
+
+def batch_axes(head: AnomalyHead, images: torch.Tensor) -> dict[str, int]:
+    """Which axis of each feature output is the batch, found by running one and two images."""
+    with torch.no_grad():
+        one = head.forward_with_features(images[:1])[2]
+        two = head.forward_with_features(images[:1].repeat(2, 1, 1, 1))[2]
+    axes = {}
+    for name in one:
+        diff = [i for i, (a, b) in enumerate(zip(one[name].shape, two[name].shape, strict=True)) if a != b]
+        if len(diff) != 1:
+            raise ValueError(f"feature {name!r}: cannot tell its batch axis from shapes "
+                             f"{tuple(one[name].shape)} and {tuple(two[name].shape)}")
+        axes[name] = diff[0]
+    return axes
