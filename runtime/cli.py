@@ -35,6 +35,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
                "trainer.eval_cli"),
     Subcommand("export", "export a run as a bundle (ONNX + manifest), with a parity gate",
                "export.cli"),
+    Subcommand("enroll", "rebuild a bundle's few-shot memory and threshold from normal images "
+               "(no torch)", "runtime.enroll"),
     Subcommand("info", "versions and available engine backends", "runtime.info"),
     Subcommand(
         "inspect-weights",

@@ -65,11 +65,13 @@ def require_dir(path: Path, what: str) -> Path:
 
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image as ``(H, W, 3)`` uint8 RGB; gray images are expanded."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
+    from runtime.preprocess import read_rgb as _read
+
+    try:
+        return _read(path)
+    except ValueError:
         reason = "file not found" if not Path(path).exists() else "unreadable or corrupt image"
-        raise DatasetError(f"cannot read image {path}: {reason}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        raise DatasetError(f"cannot read image {path}: {reason}") from None
 
 
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""Images (uint8 RGB arrays) -> normalized model input, the same way in training and export."""
+"""Images (uint8 RGB arrays) -> normalized model input, the same way in training and export.
+
+Fitting to the input size is :func:`runtime.preprocess.fit_image`, shared with the runtime.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +9,10 @@ import cv2
 import numpy as np
 import torch
 
+from runtime.preprocess import FIT_MODES, fit_image
 from trainer.backbones.base import Normalization
 
-FIT_MODES = ("resize", "center_crop")
-
-
-def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:
-    """Bring ``(H, W, 3)`` to ``size`` (H, W).
-
-    ``resize``: bicubic resize (CLIP-style models). ``center_crop``: crop the centre without
-    resampling (the texture backbone: resampling blurs pixel-scale defects); an image
-    smaller than ``size`` is an error.
-    """
-    h, w = size
-    if mode == "resize":
-        if image.shape[:2] == (h, w):
-            return image
-        return cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
-    if mode == "center_crop":
-        ih, iw = image.shape[:2]
-        if ih < h or iw < w:
-            raise ValueError(f"image {iw}x{ih} is smaller than the {w}x{h} crop; use "
-                             "fit: resize or a smaller input_size")
-        top, left = (ih - h) // 2, (iw - w) // 2
-        return image[top:top + h, left:left + w]
-    raise ValueError(f"fit mode {mode!r} unknown; choose one of {FIT_MODES}")
+__all__ = ["FIT_MODES", "fit_image", "fit_mask", "to_batch"]
 
 
 def to_batch(images: list[np.ndarray], size: tuple[int, int], normalization: Normalization,

@@ -1,0 +1,101 @@
+"""Few-shot memory from a bundle's own feature outputs, in numpy (no torch).
+
+``edge-inspect enroll`` runs the bundle's graph on K normal images, takes its
+``feature.*`` outputs and rebuilds the memory exactly as the trainer's ``enroll`` does:
+
+* ``afclip`` (AF-CLIP+) and ``cmad`` (Visual Discrepancy Inference): one L2-normalized bank
+  per token set / tap, ``(sets, K * N, C)``;
+* ``memory``: the standardized (or normalized) patch bank with its mean and std, the fold
+  reference (each shot's top and bottom halves scored against the rest; mean of maxima),
+  and the window Gaussian (mean and inverse covariance of window-mean features).
+
+Tests compare every array with the torch enrollment of the same shots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def bank_per_set(features: np.ndarray) -> np.ndarray:
+    """``(sets, K, N, C)`` -> ``(sets, K * N, C)`` normalized banks."""
+    s, k, n, c = features.shape
+    return _normalize(features.reshape(s, k * n, c).astype(np.float64)).astype(np.float32)
+
+
+def _nearest(query: np.ndarray, bank: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "cosine":
+        return ((1.0 - query @ bank.T) / 2.0).min(axis=1)
+    d2 = (query**2).sum(1)[:, None] - 2 * query @ bank.T + (bank**2).sum(1)[None]
+    return np.sqrt(np.maximum(d2, 0.0)).min(axis=1)
+
+
+def patch_memory(local: np.ndarray, metric: str, grid: tuple[int, int]) -> dict[str, np.ndarray]:
+    """``local (K, N, C)`` -> bank, mean, std and the fold reference of the memory head."""
+    k, n, c = local.shape
+    flat = local.reshape(-1, c).astype(np.float64)
+    if metric == "standardized":
+        mean, std = flat.mean(0), np.maximum(flat.std(0, ddof=1), 1e-6)
+        bank = (flat - mean) / std
+    elif metric == "cosine":
+        mean, std = np.zeros(c), np.ones(c)
+        bank = _normalize(flat)
+    else:
+        raise ValueError(f"memory metric {metric!r} unknown")
+    per_shot = bank.reshape(k, n, c)
+    top = (np.arange(n) // grid[1]) < grid[0] // 2
+    maxima = []
+    for shot in range(k):
+        for half in (top, ~top):
+            keep = np.ones((k, n), bool)
+            keep[shot, half] = False
+            maxima.append(_nearest(per_shot[shot, half], per_shot[keep], metric).max())
+    return {"local.bank": bank.astype(np.float32), "local.mean": mean.astype(np.float32),
+            "local.std": std.astype(np.float32),
+            "local_reference": np.asarray(np.mean(maxima), np.float32)}
+
+
+def window_gaussian(grids: np.ndarray, window: int, stride: int,
+                    ridge: float = 1e-6) -> dict[str, np.ndarray]:
+    """``grids (K, C, rows, cols)`` -> mean and precision of window-mean features."""
+    k, c, rows, cols = grids.shape
+    g = grids.astype(np.float64)
+    starts_r = range(0, rows - window + 1, stride)
+    starts_c = range(0, cols - window + 1, stride)
+    w = np.stack([g[:, :, r:r + window, q:q + window].mean(axis=(2, 3))
+                  for r in starts_r for q in starts_c], axis=1).reshape(-1, c)
+    if w.shape[0] <= c + 1:
+        raise ValueError(f"{w.shape[0]} windows cannot estimate a {c}-d covariance; use more shots")
+    cov = np.cov(w.T)
+    cov = cov + ridge * np.diag(cov).mean() * np.eye(c)
+    return {"global.mean": w.mean(0).astype(np.float32),
+            "global.precision": np.linalg.inv(cov).astype(np.float32)}
+
+
+def build_memory(manifest: dict, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The memory arrays for a bundle's method from its feature outputs (batch = shots)."""
+    method = manifest["method"]
+    if method in ("afclip", "cmad"):
+        return {"bank": bank_per_set(features["features"])}
+    if method == "memory":
+        head = manifest["config"]["head"]
+        rows_cols = features["global"].shape[-2:] if "global" in features else None
+        grid = _grid(manifest, rows_cols, features["local"].shape[1])
+        memory = patch_memory(features["local"], head["metric"], grid)
+        if head["use_global"]:
+            memory |= window_gaussian(features["global"], head["window"], head["stride"])
+        return memory
+    raise ValueError(f"method {method!r} has no few-shot memory to enroll")
+
+
+def _grid(manifest: dict, rows_cols, n: int) -> tuple[int, int]:
+    if rows_cols is not None:
+        return int(rows_cols[0]), int(rows_cols[1])
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(f"cannot infer the patch grid of {n} patches")
+    return side, side

@@ -1,0 +1,88 @@
+"""`edge-inspect enroll` with torch blocked matches the trainer's torch enrollment."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from runtime.bundle import load_bundle
+from runtime.engines import open_engine
+from tests.conftest import enrolled
+from tests.runtime.test_no_torch import run_blocked
+from trainer.config import RunConfig
+from trainer.data.transforms import fit_image, to_batch
+from trainer.evaluate import load_head
+
+
+def _normal_folder(runs, method, folder, count):
+    cfg = RunConfig.from_yaml(runs[method] / "config.yaml")
+    spec = cfg.target_data[0]
+    ds = spec.open("train" if spec.has_train_split else spec.split)
+    normals = [i for i, r in enumerate(ds.records) if r.label == 0][:count]
+    folder.mkdir()
+    for j, i in enumerate(normals):
+        cv2.imwrite(str(folder / f"{j:03d}.png"), ds[i].image[..., ::-1])
+    return cfg
+
+
+@pytest.mark.parametrize("name,method,count,shots", [("memory", "memory", 40, 4),
+                                                     ("afclip+", "afclip", 24, 3),
+                                                     ("cmad+", "cmad", 24, 2)])
+def test_enroll_without_torch_matches_torch(runs, bundles, tmp_path, name, method, count, shots):
+    cfg = _normal_folder(runs, method, tmp_path / "normals", count)
+    out = tmp_path / "enrolled"
+    proc = run_blocked(f"""
+        from runtime.cli import main
+        import sys
+        code = main(["enroll", "--bundle", r"{bundles[name]}", "--normal-dir", r"{tmp_path / 'normals'}",
+                     "--shots", "{shots}", "--out", r"{out}", "--false-alarm-rate", "0.05"])
+        assert "torch" not in sys.modules
+        raise SystemExit(code)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    new = load_bundle(out)
+    old = load_bundle(bundles[name])
+    assert old.manifest["files"] == json.loads((bundles[name] / "manifest.json").read_text())["files"]
+    shot_files = [tmp_path / "normals" / f for f in new.manifest["enrollment"]["shots"]]
+    assert len(shot_files) == shots
+
+    # the trainer enrolls the same shots with torch
+    head = load_head(cfg, enrolled(runs[method]))
+    size = head.backbone.input_size
+    pictures = [fit_image(cv2.imread(str(p))[..., ::-1], size, cfg.fit_mode) for p in shot_files]
+    head.enroll(to_batch(pictures, size, head.backbone.normalization, cfg.fit_mode))
+    for key, want in head.memory_state().items():
+        got, want = new.memory[key], want.numpy()
+        assert got.shape == want.shape, key
+        # relative to the array's scale: an inverse covariance amplifies float32 feature noise
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1.0)
+        assert err <= 1e-4, (key, err)
+
+    # scores of the new bundle equal the torch head's on other images
+    others = sorted((tmp_path / "normals").iterdir())[-3:]
+    frames = np.stack([fit_image(cv2.imread(str(p))[..., ::-1], size, cfg.fit_mode) for p in others])
+    with torch.no_grad():
+        want_score, _ = head(to_batch(list(frames), size, head.backbone.normalization, cfg.fit_mode))
+    got_score = open_engine(new).infer(frames)["image_score"]
+    assert np.abs(got_score - want_score.numpy()).max() <= 1e-3
+    t = new.manifest["threshold"]
+    assert t["method"] == "normal_false_alarm_rate" and t["target_false_alarm_rate"] == 0.05
+    assert t["n_normal"] == count - shots
+
+
+def test_enroll_refuses_zero_shot_bundles_and_too_few_images(bundles, tmp_path):
+    from runtime.bundle import BundleError
+    from runtime.enroll import enroll
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((128, 128, 3), 120, np.uint8))
+    with pytest.raises(BundleError, match="without a few-shot memory"):
+        enroll(bundles["cmad"], folder, 2)
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        enroll(bundles["cmad+"], folder, 2, false_alarm_rate=0.01)
+    with pytest.raises(ValueError, match="6 shots asked"):
+        enroll(bundles["cmad+"], folder, 6)
