@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from runtime.engines.base import Engine, EngineError
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "tensorrt")
 
 
 def open_engine(bundle, backend: str = "ort", **options) -> Engine:
@@ -17,6 +17,10 @@ def open_engine(bundle, backend: str = "ort", **options) -> Engine:
         from runtime.engines.ort import OrtEngine
 
         return OrtEngine(bundle, **options)
+    if backend == "tensorrt":
+        from runtime.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(bundle, **options)
     raise EngineError(f"engine backend {backend!r} unknown; choose one of {BACKENDS}")
 
 
