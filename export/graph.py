@@ -23,6 +23,7 @@ class ExportGraph(nn.Module):
     def __init__(self, head: AnomalyHead, memory_names: list[str], feature_names: list[str]) -> None:
         super().__init__()
         self.head = head.eval()
+        head.freeze_constants()
         self.memory_names = list(memory_names)
         self.feature_names = list(feature_names)
         norm = head.backbone.normalization

@@ -170,6 +170,12 @@ class AfClipHead(AnomalyHead):
             self._text_cache = t.detach()
         return self._text_cache
 
+    def freeze_constants(self) -> None:
+        """Cache the two text features: the exported graph holds a 2 x E constant, no text tower."""
+        self.eval()
+        with torch.no_grad():
+            self.text_features()
+
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_trainable_state(state)
         self._text_cache = None  # the prompt changed
@@ -177,7 +183,8 @@ class AfClipHead(AnomalyHead):
     def train(self, mode: bool = True) -> AfClipHead:
         super().train(mode)
         self.clip.eval()  # the backbone stays frozen (no dropout anyway; LayerNorm only)
-        self._text_cache = None
+        if mode:
+            self._text_cache = None  # training changes the prompt; eval keeps a frozen cache
         return self
 
     # -- vision ----------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class AnomalyHead(nn.Module):
         (export makes them graph outputs, so a bundle can be enrolled without torch)."""
         raise NotImplementedError
 
+    def freeze_constants(self) -> None:
+        """Compute what is constant at inference (e.g. text features) so an export bakes it."""
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Named trainable parameters: all that a checkpoint stores besides memories."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
