@@ -171,7 +171,7 @@ class TensorRTEngine(Engine):
                 buffers.append(ptr)
                 self.context.set_tensor_address(name, ptr)
                 results[name] = (host, ptr)
-            if not self.context.execute_async_v3(self.stream):
+            if not self.context.execute_async_v3(int(self.stream)):
                 raise EngineError("TensorRT execution failed")
             for host, ptr in results.values():
                 _check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes,
