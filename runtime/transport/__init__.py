@@ -1,0 +1,1 @@
+"""Frames and results over ZeroMQ: the wire format (:mod:`wire`) and sockets (:mod:`sockets`)."""

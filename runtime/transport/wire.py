@@ -1,0 +1,114 @@
+"""The wire format: multipart ``[topic, header, payload...]``, never pickle.
+
+* ``topic``: ``frame.<camera>`` or ``result.<camera>`` (ASCII).
+* ``header``: UTF-8 JSON with ``v`` (schema version), ``camera``, ``seq`` (per camera,
+  monotonic), ``t_capture_ns`` (``time.monotonic_ns()`` at the source, comparable across
+  processes on one host), ``parts`` (one ``{shape, dtype, layout}`` per payload part) and
+  any extra fields (results carry ``score``, ``label``, ``threshold``, ...).
+* ``payload``: raw C-order buffers, sent with ``copy=False``.
+
+:func:`decode` checks everything and raises :class:`MalformedMessage` with a short
+``reason`` for anything that does not parse; callers count it under
+``reason="malformed"`` and go on. Arrays are read-only views of the received frames.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+WIRE_VERSION = 1
+KINDS = ("frame", "result")
+DTYPES = ("uint8", "uint16", "int32", "float16", "float32")
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class MalformedMessage(ValueError):
+    """A message that does not follow the wire format; ``reason`` says how, briefly."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Message:
+    """A decoded message: kind (``frame`` / ``result``), header fields and payload arrays."""
+
+    kind: str
+    camera: str
+    seq: int
+    t_capture_ns: int
+    header: dict
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+def topic(kind: str, camera: str) -> bytes:
+    return f"{kind}.{camera}".encode("ascii")
+
+
+def encode(kind: str, camera: str, seq: int, t_capture_ns: int, arrays: list[np.ndarray] = (),
+           layouts: list[str] | None = None, **extra) -> list:
+    """Multipart parts for ``socket.send_multipart(parts, copy=False)``."""
+    if kind not in KINDS:
+        raise ValueError(f"message kind {kind!r} unknown; use {KINDS}")
+    if not camera or not camera.isascii() or "." in camera or " " in camera:
+        raise ValueError(f"camera id {camera!r} must be ASCII without dots or spaces")
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    for a in arrays:
+        if a.dtype.name not in DTYPES:
+            raise ValueError(f"payload dtype {a.dtype} not in the wire format ({DTYPES})")
+    layouts = layouts or ["HWC" if a.ndim == 3 else "raw" for a in arrays]
+    header = {"v": WIRE_VERSION, "camera": camera, "seq": int(seq), "t_capture_ns": int(t_capture_ns),
+              "parts": [{"shape": list(a.shape), "dtype": a.dtype.name, "layout": lay}
+                        for a, lay in zip(arrays, layouts, strict=True)], **extra}
+    return [topic(kind, camera), json.dumps(header, separators=(",", ":")).encode()] + arrays
+
+
+def decode(parts: list) -> Message:
+    """Parse received parts (bytes or ``zmq.Frame``); :class:`MalformedMessage` if anything is off."""
+    if len(parts) < 2:
+        raise MalformedMessage("too few parts")
+    try:
+        raw = [memoryview(p.buffer if hasattr(p, "buffer") else p).cast("B") for p in parts]
+    except TypeError:
+        raise MalformedMessage("part is not a buffer") from None
+    try:
+        kind, _, cam_topic = bytes(raw[0]).decode("ascii").partition(".")
+    except UnicodeDecodeError:
+        raise MalformedMessage("topic not ASCII") from None
+    if kind not in KINDS or not cam_topic:
+        raise MalformedMessage("unknown topic")
+    if len(raw[1]) > MAX_HEADER_BYTES:
+        raise MalformedMessage("header too large")
+    try:
+        header = json.loads(bytes(raw[1]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MalformedMessage("header not JSON") from None
+    if not isinstance(header, dict):
+        raise MalformedMessage("header not an object")
+    if header.get("v") != WIRE_VERSION:
+        raise MalformedMessage("wrong schema version")
+    camera, seq, t_ns = header.get("camera"), header.get("seq"), header.get("t_capture_ns")
+    if camera != cam_topic:
+        raise MalformedMessage("camera does not match topic")
+    if not isinstance(seq, int) or seq < 0 or not isinstance(t_ns, int):
+        raise MalformedMessage("bad seq or timestamp")
+    specs = header.get("parts")
+    if not isinstance(specs, list) or len(specs) != len(raw) - 2:
+        raise MalformedMessage("payload count does not match header")
+    arrays = []
+    for spec, buf in zip(specs, raw[2:], strict=True):
+        try:
+            dtype = np.dtype(spec["dtype"]) if spec["dtype"] in DTYPES else None
+            shape = tuple(int(s) for s in spec["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise MalformedMessage("bad part spec") from None
+        if dtype is None:
+            raise MalformedMessage("unknown dtype")
+        if any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(buf):
+            raise MalformedMessage("payload size does not match shape")
+        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+    return Message(kind, camera, seq, t_ns, header, arrays)
