@@ -1,0 +1,61 @@
+"""Prometheus metrics of the runtime (names and labels from DESIGN), in one registry.
+
+Base units, ``_total`` only on counters, bounded labels (``camera``, ``model``, ``stage``,
+``reason``, ``backend``, ``precision``), histograms rather than averaged gauges, with
+sub-millisecond buckets for the per-stage times.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "edge_inspect_"
+STAGES = ("transport", "preprocess", "infer", "postprocess", "publish")
+DROP_REASONS = ("hwm", "stale", "malformed", "queue_full")
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+                 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                   0.75, 1.0, 2.0, 5.0)
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+
+class RuntimeMetrics:
+    """Every runtime metric, registered in its own :class:`CollectorRegistry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        p = PREFIX
+        self.frames_received = Counter(p + "frames_received", "Frames received from cameras",
+                                       ["camera"], registry=r)
+        self.frames_dropped = Counter(p + "frames_dropped", "Frames dropped, by reason "
+                                      f"({', '.join(DROP_REASONS)})", ["camera", "reason"], registry=r)
+        self.frames_inferred = Counter(p + "frames_inferred", "Frames scored by the model",
+                                       ["camera", "model"], registry=r)
+        self.anomalies = Counter(p + "anomalies", "Frames whose score exceeded the threshold",
+                                 ["camera", "model"], registry=r)
+        self.anomaly_score = Histogram(p + "anomaly_score", "Calibrated anomaly score "
+                                       "(0.5 at the threshold, clipped to [0, 1])",
+                                       ["camera", "model"], buckets=SCORE_BUCKETS, registry=r)
+        self.stage_seconds = Histogram(p + "stage_seconds", "Time per pipeline stage",
+                                       ["stage", "camera"], buckets=STAGE_BUCKETS, registry=r)
+        self.e2e_latency = Histogram(p + "e2e_latency_seconds", "Capture to result published",
+                                     ["camera"], buckets=LATENCY_BUCKETS, registry=r)
+        self.last_frame = Gauge(p + "last_frame_timestamp_seconds", "Unix time of the last frame "
+                                "received", ["camera"], registry=r)
+        self.camera_up = Gauge(p + "camera_up", "1 while the camera delivers frames", ["camera"],
+                               registry=r)
+        self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
+                                ["model", "backend", "precision"], registry=r)
+
+    def drop(self, camera: str, reason: str, n: int = 1) -> None:
+        if reason not in DROP_REASONS:
+            raise ValueError(f"drop reason {reason!r} unknown; use {DROP_REASONS}")
+        if n:
+            self.frames_dropped.labels(camera, reason).inc(n)
+
+
+def calibrated_score(score: float, threshold: float | None) -> float:
+    """Map a raw score to [0, 1] with the threshold at 0.5 (for the score histogram)."""
+    if threshold is None or threshold <= 0:
+        return min(max(score, 0.0), 1.0)
+    return min(max(0.5 * score / threshold, 0.0), 1.0)
