@@ -1,0 +1,176 @@
+"""Frame sources: image-folder replay, synthetic frames, and OpenCV captures (camera index,
+video file, RTSP/HTTP URL) with reconnect, backoff and a stall watchdog.
+
+Every source yields ``(frame, t_capture_ns)``: an ``(H, W, 3)`` uint8 RGB frame and
+``time.monotonic_ns()`` taken when it was captured (comparable across processes on one
+host). :func:`publish` numbers them per camera (``seq``) and sends them in the wire format.
+Iteration stops when ``stop`` is set, so SIGTERM handlers end a source promptly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from runtime.preprocess import read_rgb
+from runtime.transport.sockets import Sender
+from runtime.transport.wire import encode
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+Frame = tuple[np.ndarray, int]
+
+
+class Pacer:
+    """Sleeps to hold a frame rate (deadline-based, so slow reads do not accumulate drift)."""
+
+    def __init__(self, fps: float | None, stop: threading.Event) -> None:
+        self.period = 1.0 / fps if fps else 0.0
+        self.stop = stop
+        self.next = time.monotonic()
+
+    def wait(self) -> bool:
+        """False when stopped while waiting."""
+        if self.period:
+            self.next += self.period
+            delay = self.next - time.monotonic()
+            if delay > 0:
+                return not self.stop.wait(delay)
+            self.next = time.monotonic()  # behind: do not burst to catch up
+        return not self.stop.is_set()
+
+
+class FolderSource:
+    """Replays images (a folder or a list of files) at ``fps``, optionally looping."""
+
+    def __init__(self, images: str | Path | list[Path], fps: float | None = 10.0, loop: bool = False,
+                 stop: threading.Event | None = None) -> None:
+        if isinstance(images, str | Path):
+            folder = Path(images)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"image folder {folder} not found")
+            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = [Path(p) for p in images]
+        if not self.files:
+            raise ValueError("no images to replay")
+        self.fps, self.loop = fps, loop
+        self.stop = stop or threading.Event()
+
+    def __iter__(self) -> Iterator[Frame]:
+        pacer = Pacer(self.fps, self.stop)
+        while True:
+            for path in self.files:
+                if not pacer.wait():
+                    return
+                try:
+                    frame = read_rgb(path)
+                except ValueError as exc:
+                    log.warning("skipping %s", exc)  # a bad file in a replay folder is not fatal
+                    continue
+                yield frame, time.monotonic_ns()
+            if not self.loop:
+                return
+
+
+class SyntheticSource:
+    """Moving-gradient frames of a given size, for load tests without files."""
+
+    def __init__(self, size: tuple[int, int] = (480, 640), fps: float | None = 30.0,
+                 count: int | None = None, stop: threading.Event | None = None) -> None:
+        self.size, self.fps, self.count = size, fps, count
+        self.stop = stop or threading.Event()
+
+    def __iter__(self) -> Iterator[Frame]:
+        h, w = self.size
+        base = (np.add.outer(np.arange(h), np.arange(w)) % 256).astype(np.uint8)
+        pacer, i = Pacer(self.fps, self.stop), 0
+        while (self.count is None or i < self.count) and pacer.wait():
+            shifted = np.roll(base, i, axis=1)
+            yield np.stack([shifted, shifted[::-1], np.full_like(shifted, i % 256)], -1), time.monotonic_ns()
+            i += 1
+
+
+class CaptureSource:
+    """OpenCV capture of a camera index, video file or RTSP/HTTP URL.
+
+    Live streams (index or URL) reconnect with exponential backoff (``backoff_s`` doubling
+    up to ``backoff_max_s``) when opening fails, reading fails, or no frame arrives for
+    ``stall_s`` (the watchdog). A file ends at its end unless ``loop``. ``reconnects``
+    counts reopenings; ``up`` says whether frames are flowing.
+    """
+
+    def __init__(self, uri: str | int, fps: float | None = None, loop: bool = False,
+                 stall_s: float = 5.0, backoff_s: float = 0.5, backoff_max_s: float = 30.0,
+                 max_reconnects: int | None = None, stop: threading.Event | None = None) -> None:
+        self.uri = int(uri) if isinstance(uri, str) and uri.isdigit() else uri
+        self.is_file = isinstance(self.uri, str) and "://" not in self.uri
+        if self.is_file and not Path(self.uri).is_file():
+            raise FileNotFoundError(f"video file {self.uri} not found")
+        self.fps, self.loop, self.stall_s = fps, loop, stall_s
+        self.backoff_s, self.backoff_max_s, self.max_reconnects = backoff_s, backoff_max_s, max_reconnects
+        self.stop = stop or threading.Event()
+        self.reconnects, self.up = 0, False
+
+    def _open(self) -> cv2.VideoCapture | None:
+        cap = cv2.VideoCapture(self.uri)
+        if self.stall_s and not self.is_file:
+            cap.set(cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.stall_s * 1000)
+            cap.set(cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.stall_s * 1000)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        return cap
+
+    def __iter__(self) -> Iterator[Frame]:
+        pacer, delay = Pacer(self.fps, self.stop), self.backoff_s
+        while not self.stop.is_set():
+            cap = self._open()
+            if cap is None:
+                self.up = False
+                if self.is_file:
+                    raise ValueError(f"cannot open video file {self.uri}")
+                if self.max_reconnects is not None and self.reconnects >= self.max_reconnects:
+                    log.error("giving up on %s after %d reconnects", self.uri, self.reconnects)
+                    return
+                self.reconnects += 1
+                log.warning("cannot open %s; retrying in %.1f s", self.uri, delay)
+                if self.stop.wait(delay):
+                    return
+                delay = min(delay * 2, self.backoff_max_s)
+                continue
+            last = time.monotonic()
+            try:
+                while pacer.wait():
+                    ok, bgr = cap.read()
+                    if not ok:
+                        if self.is_file and self.loop:
+                            cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                            continue
+                        if self.is_file:
+                            return
+                        if time.monotonic() - last > self.stall_s:
+                            log.warning("no frame from %s for %.1f s; reconnecting", self.uri, self.stall_s)
+                        break
+                    last, delay, self.up = time.monotonic(), self.backoff_s, True
+                    yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.monotonic_ns()
+            finally:
+                cap.release()
+                self.up = False
+            self.reconnects += 1
+
+
+def publish(source, sender: Sender, camera: str, stop: threading.Event | None = None) -> int:
+    """Send every frame of ``source`` as ``frame.<camera>`` with a per-camera ``seq``."""
+    seq = 0
+    for frame, t_ns in source:
+        if stop is not None and stop.is_set():
+            break
+        sender.send(encode("frame", camera, seq, t_ns, [frame]))
+        seq += 1
+    return seq
