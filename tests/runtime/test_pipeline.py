@@ -1,0 +1,107 @@
+"""The pipeline over real ZeroMQ sockets with a real bundle (in-process threads here; the
+multi-process integration tests come with `edge-inspect serve`)."""
+
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from runtime.bundle import load_bundle
+from runtime.capture import CaptureStore
+from runtime.engines import open_engine
+from runtime.metrics import RuntimeMetrics
+from runtime.pipeline import Pipeline, PipelineConfig
+from runtime.preprocess import fit_image
+from runtime.transport.sockets import Receiver, Sender, TransportConfig
+from runtime.transport.wire import decode, encode
+
+
+@pytest.fixture()
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def _start(bundle_dir, tmp_path, ctx, mode):
+    bundle = load_bundle(bundle_dir)
+    metrics = RuntimeMetrics()
+    results = (TransportConfig(f"ipc://{tmp_path}/results", mode="every_part", binder="sender",
+                               send_timeout_ms=500)
+               if mode == "every_part" else TransportConfig(f"ipc://{tmp_path}/results", mode="live"))
+    cfg = PipelineConfig(TransportConfig(f"ipc://{tmp_path}/frames", mode=mode), results,
+                         max_batch=4, heatmap_size=(16, 16), model_name="textile",
+                         captures=CaptureStore(tmp_path / "captures", retain=3))
+    pipe = Pipeline(bundle, open_engine(bundle), cfg, metrics, ctx)
+    stop = threading.Event()
+    thread = threading.Thread(target=pipe.run, args=(stop,), daemon=True)
+    thread.start()
+    return bundle, pipe, metrics, stop, thread
+
+
+def _value(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, ctx):
+    bundle, pipe, metrics, stop, thread = _start(bundles["memory"], tmp_path, ctx, "every_part")
+    results = Receiver(TransportConfig(f"ipc://{tmp_path}/results", mode="every_part",
+                                       binder="sender"), ctx)
+    tx = Sender(TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part"), ctx)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (250, 250, 3), dtype=np.uint8) for _ in range(6)]
+    frames[3][100:110, 100:110] = 255  # a bright blob
+    for seq, frame in enumerate(frames):
+        tx.send(encode("frame", "cam0", seq, time.monotonic_ns(), [frame]))
+        if seq == 2:  # garbage in the middle of the stream
+            tx.send([b"frame.cam0", b"{not json"])
+            tx.send([b"\x00\x01"])
+    got = {}
+    while len(got) < 6:
+        parts = results.recv(5000)
+        assert parts is not None, f"only {sorted(got)} arrived"
+        msg = decode(parts)
+        got[msg.seq] = msg
+    stop.set()
+    thread.join(5)
+    size = (bundle.image.height, bundle.image.width)
+    direct = open_engine(bundle).infer(np.stack([fit_image(f, size, bundle.image.fit) for f in frames]))
+    for seq, msg in got.items():
+        assert abs(msg.header["score"] - float(direct["image_score"][seq])) < 1e-4
+        assert msg.arrays[0].shape == (16, 16) and msg.arrays[0].dtype == np.float16
+        assert msg.header["label"] == int(msg.header["score"] > bundle.threshold)
+    assert _value(metrics, "edge_inspect_frames_inferred_total", camera="cam0", model="textile") == 6
+    assert _value(metrics, "edge_inspect_frames_dropped_total", camera="unknown", reason="malformed") == 2
+    assert _value(metrics, "edge_inspect_camera_up", camera="cam0") == 1
+    assert pipe.ready()["engine_warm"] and pipe.ready()["camera_cam0_fresh"]
+    n_anomalous = sum(m.header["label"] for m in got.values())
+    captures = [p for p in (tmp_path / "captures").iterdir() if not p.name.startswith(".")]
+    assert len(captures) == min(n_anomalous, 3)
+    for c in captures:
+        assert {p.name for p in c.iterdir()} == {"frame.png", "overlay.png", "header.json"}
+        assert cv2.imread(str(c / "frame.png")).shape == (248, 248, 3)
+    pipe.close(), tx.close(), results.close()
+
+
+def test_live_mode_drops_old_frames_and_counts_them(bundles, tmp_path, ctx):
+    tx = Sender(TransportConfig(f"ipc://{tmp_path}/frames", mode="live", hwm=1000), ctx)
+    bundle, pipe, metrics, stop, thread = _start(bundles["memory"], tmp_path, ctx, "live")
+    time.sleep(0.3)
+    frame = np.zeros((250, 250, 3), np.uint8)
+    for seq in range(200):  # far faster than the CPU model can score
+        tx.send(encode("frame", "cam0", seq, time.monotonic_ns(), [frame]))
+    time.sleep(1.5)
+    stop.set()
+    thread.join(5)
+    received = _value(metrics, "edge_inspect_frames_received_total", camera="cam0")
+    inferred = _value(metrics, "edge_inspect_frames_inferred_total", camera="cam0", model="textile")
+    dropped = sum(_value(metrics, "edge_inspect_frames_dropped_total", camera="cam0", reason=r)
+                  for r in ("stale", "hwm"))
+    assert 0 < inferred < 200
+    assert inferred + dropped == pytest.approx(200, abs=2)  # every frame is scored or counted
+    assert received + _value(metrics, "edge_inspect_frames_dropped_total", camera="cam0",
+                             reason="hwm") >= inferred
+    pipe.close(), tx.close()
