@@ -16,7 +16,7 @@ import numpy as np
 
 
 class CaptureStore:
-    def __init__(self, folder: str | Path, retain: int = 200) -> None:
+    def __init__(self, folder: str | Path = "captures", retain: int = 200) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.retain = retain

@@ -37,6 +37,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
                "export.cli"),
     Subcommand("enroll", "rebuild a bundle's few-shot memory and threshold from normal images "
                "(no torch)", "runtime.enroll"),
+    Subcommand("serve", "run cameras -> ZeroMQ -> engine -> results, with /metrics (no torch)",
+               "runtime.serve"),
     Subcommand("info", "versions and available engine backends", "runtime.info"),
     Subcommand(
         "inspect-weights",

@@ -1,47 +1,212 @@
-"""``edge-inspect demo``: the offline demo, runnable with no downloaded weights.
+"""``edge-inspect demo``: the offline demo, a camera stream scored live, no downloaded weights.
 
-It runs the project's own evaluation (:mod:`trainer.evaluate`) on
-``configs/memory/textile-texture.yaml``: the weight-free ``texture`` backbone and the
-few-shot memory head, fit on K nominal textile images of ``conformal-clip-data`` (no
-defective image seen), a threshold calibrated for a 1 % false-alarm rate on 100 held-out
-nominal images, then scored on held-out nominal, local-defect and global-defect images.
-It prints image AUROC / AP / F1-max and the calibrated decisions per defect kind and writes
-metrics.json, ROC curves, score histograms, heatmap overlays and the enrolled checkpoint.
-The streaming demo (camera -> ZeroMQ -> engine) replaces this when the runtime lands.
+1. Builds the demo bundle when none exists (``bundles/textile-demo``): the weight-free
+   ``texture`` backbone + few-shot memory fit on K = 4 nominal textile images of
+   ``conformal-clip-data`` (no defective image seen), threshold calibrated for a 1 %
+   false-alarm rate on 100 other nominal images, exported with the parity gate.
+2. Replays a shuffled mix of held-out nominal, local-defect and global-defect images as a
+   camera (its own process) over ZeroMQ at ``--fps``, through the runtime pipeline (ONNX
+   Runtime), with ``/metrics`` served and anomalous frames captured.
+3. Shows live scores and ends with a summary: frames, drops, AUROC of the streamed scores
+   per defect kind, decisions at the threshold, p50/p99 end-to-end latency, p50 per stage,
+   achieved frame rate. Writes ``summary.json``, ``stream_scores.png`` and ``captures/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "memory" / "textile-texture.yaml"
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, default=Path("bundles/textile-demo"),
+                        help="bundle to stream with (built here when missing)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the bundle even if present")
     parser.add_argument("--shots", type=int, default=4, help="nominal images in the memory")
-    parser.add_argument("--limit", type=int, default=400,
-                        help="held-out test images per defect kind (nominal + defective)")
+    parser.add_argument("--per-kind", type=int, default=150,
+                        help="streamed images per kind (nominal, local, global)")
+    parser.add_argument("--fps", type=float, default=20.0, help="camera frame rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=9108, help="/metrics port (0: any free port)")
     parser.add_argument("--out", type=Path, default=Path("demo-output"),
-                        help="folder for metrics.json and the pictures")
+                        help="folder for summary.json, stream_scores.png and captures/")
+
+
+def build_bundle(bundle: Path, shots: int, seed: int) -> tuple[Path, set[str]]:
+    """Enroll, calibrate and export the demo model; returns it and the files it has seen."""
+    from export.bundle_writer import export_bundle
+    from trainer.config import RunConfig
+    from trainer.evaluate import evaluate_run
+
+    cfg = RunConfig.from_yaml(DEMO_CONFIG, [
+        f"shots={shots}", f"seed={seed}", "eval.limit=60", "eval.overlays=0",
+        "data.target=[{name: textile, kind: textile, kinds: [nominal, local]}]"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        evaluate_run(cfg, None, run / "eval")
+        export_bundle(run, bundle, run / "eval" / "enrolled" / "textile-textile.safetensors")
+    return bundle, seen_images(cfg)
+
+
+def seen_images(cfg) -> set[str]:
+    from trainer.evaluate import split_normals
+
+    spec = cfg.target_data[0]
+    test = spec.open()
+    shots, calib, _ = split_normals(cfg, spec, test, None, "textile")
+    return {str(ds.records[i].image) for ds, i in shots + calib}
+
+
+def stream_set(seen: set[str], per_kind: int, seed: int) -> list[tuple[Path, str]]:
+    from trainer.data import TextileImages
+
+    rng = np.random.default_rng(seed + 1000)
+    items = []
+    for kind in TextileImages.KINDS:
+        paths = [r.image for r in TextileImages([kind]).records if str(r.image) not in seen]
+        pick = rng.choice(len(paths), size=min(per_kind, len(paths)), replace=False)
+        items += [(paths[i], kind) for i in pick]
+    order = rng.permutation(len(items))
+    return [items[i] for i in order]
 
 
 def run(args: argparse.Namespace) -> int:
+    from runtime.serve import Runtime, RuntimeConfig
+    from runtime.transport.sockets import Receiver, TransportConfig
+    from runtime.transport.wire import decode
     from trainer.config import RunConfig
-    from trainer.evaluate import evaluate_run, summary_table
 
-    cfg = RunConfig.from_yaml(DEMO_CONFIG, [f"shots={args.shots}", f"seed={args.seed}",
-                                            f"eval.limit={args.limit}"])
-    report = evaluate_run(cfg, None, args.out)
-    print(f"\ntexture backbone + few-shot memory, {cfg.shots} nominal shots, seed {cfg.seed}")
-    print(summary_table(report))
-    for name, d in report["datasets"].items():
-        cal = d["classes"]["textile"]["calibration"]
-        if cal.get("chosen") == "false_alarm":
-            print(f"{name}: threshold {cal['false_alarm']['threshold']:.4g} for a "
-                  f"{cal['false_alarm']['target_false_alarm_rate']:.0%} false-alarm rate -> on the "
-                  f"test images: false alarms {cal['test_false_alarm_rate']:.1%}, "
-                  f"missed defects {cal['test_miss_rate']:.1%}")
-    print(f"\npictures and metrics.json in {args.out}/ (roc-*.png, histograms-*.png, overlays/)")
+    if args.rebuild or not (args.bundle / "manifest.json").exists():
+        if args.bundle.exists():
+            import shutil
+
+            shutil.rmtree(args.bundle)
+        print(f"building the demo bundle {args.bundle} (K = {args.shots} nominal shots) ...")
+        _, seen = build_bundle(args.bundle, args.shots, args.seed)
+    else:
+        cfg = RunConfig.from_dict(json.loads((args.bundle / "manifest.json").read_text())["config"])
+        seen = seen_images(cfg)
+    items = stream_set(seen, args.per_kind, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    endpoints = Path(tempfile.mkdtemp(prefix="edge-inspect-demo-"))
+    cfg = RuntimeConfig(
+        bundle=str(args.bundle), mode="live", endpoint_dir=str(endpoints), model_name="textile-demo",
+        cameras=[{"id": "textile", "source": "folder", "images": [str(p) for p, _ in items],
+                  "fps": args.fps}],
+        pipeline={"max_batch": 4, "max_wait_ms": 5, "heatmap_size": [62, 62]},
+        captures={"folder": str(args.out / "captures"), "retain": 50},
+        http={"host": "127.0.0.1", "port": args.port})
+    runtime = Runtime(cfg)
+    results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000))
+    runtime.start()
+    print(f"streaming {len(items)} images at {args.fps:g} fps over ZeroMQ; metrics on "
+          f"http://127.0.0.1:{runtime.health.port}/metrics")
+    got: dict[int, dict] = {}
+    latency: dict[int, float] = {}
+    t_first = t_last = None
+    idle_since = time.monotonic()
+    threshold = runtime.bundle.threshold
+    try:
+        while len(got) < len(items):
+            parts = results.recv(200)
+            now = time.monotonic()
+            if parts is None:
+                if runtime.sources_done() and now - idle_since > 2.0:
+                    break
+                continue
+            idle_since = now
+            msg = decode(parts)
+            got[msg.seq] = msg.header
+            latency[msg.seq] = (time.monotonic_ns() - msg.t_capture_ns) / 1e9
+            t_first = t_first or now
+            t_last = now
+            if len(got) % 10 == 0 or len(got) == len(items):
+                kind = items[msg.seq][1]
+                flag = "ANOMALY" if msg.header["label"] else "ok"
+                sys.stdout.write(f"\rframe {len(got):4d}/{len(items)}  {kind:8s} score "
+                                 f"{msg.header['score']:7.3f}  {flag:7s}  "
+                                 f"e2e {1000 * latency[msg.seq]:6.1f} ms")
+                sys.stdout.flush()
+    finally:
+        runtime.shutdown()
+        results.close()
+    print()
+    summary = summarize(items, got, latency, runtime, threshold, t_first, t_last)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_stream(args.out / "stream_scores.png", items, got, threshold)
+    print_summary(summary)
+    print(f"\nsummary.json, stream_scores.png and captures/ in {args.out}/")
     return 0
+
+
+def summarize(items, got, latency, runtime, threshold, t_first, t_last) -> dict:
+    from trainer.metrics import auroc
+
+    scores = {k: np.array([got[i]["score"] for i in got if items[i][1] == k])
+              for k in ("nominal", "local", "global")}
+    m = runtime.metrics.registry
+    drops = {r: m.get_sample_value("edge_inspect_frames_dropped_total",
+                                   {"camera": "textile", "reason": r}) or 0.0
+             for r in ("stale", "hwm", "malformed")}
+    stages = {s: float(np.median([h["stages"][s] for h in got.values()]))
+              for s in ("transport", "preprocess", "infer", "postprocess")}
+    lat = np.array(list(latency.values()))
+    out = {"frames_sent": len(items), "frames_scored": len(got), "drops": drops,
+           "fps": (len(got) - 1) / (t_last - t_first) if len(got) > 1 else 0.0,
+           "threshold": threshold,
+           "e2e_latency_ms": {"p50": 1000 * float(np.percentile(lat, 50)),
+                              "p99": 1000 * float(np.percentile(lat, 99))},
+           "stage_p50_ms": {k: 1000 * v for k, v in stages.items()}}
+    for kind in ("local", "global"):
+        y = np.r_[np.zeros(len(scores["nominal"])), np.ones(len(scores[kind]))]
+        s = np.r_[scores["nominal"], scores[kind]]
+        out[f"auroc_nominal_vs_{kind}"] = auroc(y, s) if 0 < y.sum() < len(y) else None
+        out[f"missed_{kind}"] = float((scores[kind] <= threshold).mean()) if len(scores[kind]) else None
+    out["false_alarms_nominal"] = float((scores["nominal"] > threshold).mean())
+    return out
+
+
+def print_summary(s: dict) -> None:
+    d = s["drops"]
+    print(f"frames: {s['frames_sent']} sent, {s['frames_scored']} scored, dropped stale "
+          f"{d['stale']:.0f} / hwm {d['hwm']:.0f} / malformed {d['malformed']:.0f}; "
+          f"{s['fps']:.1f} frames/s")
+    print(f"AUROC of the streamed scores: nominal vs local {s['auroc_nominal_vs_local']:.4f}, "
+          f"nominal vs global {s['auroc_nominal_vs_global']:.4f}")
+    print(f"at the threshold {s['threshold']:.4g}: false alarms {s['false_alarms_nominal']:.1%} of "
+          f"nominal, missed {s['missed_local']:.1%} local / {s['missed_global']:.1%} global")
+    st = s["stage_p50_ms"]
+    print(f"latency capture -> result: p50 {s['e2e_latency_ms']['p50']:.1f} ms, p99 "
+          f"{s['e2e_latency_ms']['p99']:.1f} ms; p50 per stage: transport {st['transport']:.2f}, "
+          f"preprocess {st['preprocess']:.2f}, infer {st['infer']:.2f}, postprocess "
+          f"{st['postprocess']:.2f} ms")
+
+
+def plot_stream(path: Path, items, got, threshold) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    colours = {"nominal": "tab:blue", "local": "tab:red", "global": "tab:orange"}
+    for kind, colour in colours.items():
+        seqs = [i for i in sorted(got) if items[i][1] == kind]
+        ax.scatter(seqs, [got[i]["score"] for i in seqs], s=8, c=colour, label=kind)
+    ax.axhline(threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set(xlabel="frame (stream order)", ylabel="image score", title="streamed scores")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

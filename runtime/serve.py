@@ -1,0 +1,230 @@
+"""``edge-inspect serve --config configs/runtime/<profile>.yaml``: cameras -> pipeline -> results.
+
+One process per camera source (OpenCV and file reading stay out of the inference loop)
+publishes frames over ZeroMQ; the pipeline runs in the main process with the health server
+(``/metrics``, ``/healthz``, ``/readyz``). SIGTERM or Ctrl-C stops everything: the sources
+stop at their next frame, the pipeline after its current batch; children still running
+after the grace period are killed.
+
+Profile YAML::
+
+    bundle: bundles/textile            # from `edge-inspect export` / `enroll`
+    backend: ort                        # ort | tensorrt
+    backend_options: {providers: [cpu]}
+    mode: live                          # live | every_part
+    endpoint_dir: /tmp/edge-inspect     # ipc endpoints live here (tcp: set frames/results)
+    cameras:
+      - {id: cam0, source: folder, path: replay/, fps: 20, loop: true}
+      - {id: cam1, source: capture, uri: "rtsp://10.0.0.5/stream", stall_s: 5}
+      - {id: cam2, source: synthetic, size: [480, 640], fps: 30}
+    pipeline: {max_batch: 4, max_wait_ms: 5, heatmap_size: [64, 64], camera_timeout_s: 5}
+    captures: {dir: captures, retain: 200}
+    http: {host: 127.0.0.1, port: 9108}
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+SOURCE_KINDS = ("folder", "capture", "synthetic")
+START_DELAY_S = 0.3  # PUB/SUB "slow joiner": a live source waits this long after binding
+TOP_KEYS = ("bundle", "backend", "backend_options", "mode", "endpoint_dir", "frames", "results",
+            "cameras", "pipeline", "captures", "http", "model_name")
+
+
+@dataclass
+class RuntimeConfig:
+    bundle: str
+    cameras: list[dict]
+    backend: str = "ort"
+    backend_options: dict = field(default_factory=dict)
+    mode: str = "live"
+    endpoint_dir: str = "/tmp/edge-inspect"
+    frames: str | None = None  # every_part: one endpoint; live: a prefix, one endpoint per camera
+    results: str | None = None
+    pipeline: dict = field(default_factory=dict)
+    captures: dict | None = None
+    http: dict = field(default_factory=lambda: {"host": "127.0.0.1", "port": 9108})
+    model_name: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "runtime config") -> RuntimeConfig:
+        unknown = set(raw) - set(TOP_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; allowed: {list(TOP_KEYS)}")
+        for key in ("bundle", "cameras"):
+            if key not in raw:
+                raise ValueError(f"{source}: '{key}' is required")
+        ids = [c.get("id") for c in raw["cameras"]]
+        if len(set(ids)) != len(ids) or not all(ids):
+            raise ValueError(f"{source}: every camera needs a unique id, got {ids}")
+        for cam in raw["cameras"]:
+            if cam.get("source") not in SOURCE_KINDS:
+                raise ValueError(f"{source}: camera {cam['id']}: source must be one of {SOURCE_KINDS}")
+        return cls(**raw)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RuntimeConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"runtime config {path} not found")
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+
+    def frames_endpoint(self, camera: str) -> str:
+        base = self.frames or f"ipc://{self.endpoint_dir}/frames"
+        return base if self.mode == "every_part" else f"{base}-{camera}"
+
+    @property
+    def results_endpoint(self) -> str:
+        return self.results or f"ipc://{self.endpoint_dir}/results"
+
+
+def make_source(cam: dict, stop):
+    from runtime.sources import CaptureSource, FolderSource, SyntheticSource
+
+    opts = {k: v for k, v in cam.items() if k not in ("id", "source")}
+    if cam["source"] == "folder":
+        images = opts.pop("images", None) or opts.pop("path")
+        return FolderSource(images, stop=stop, **opts)
+    if cam["source"] == "capture":
+        return CaptureSource(opts.pop("uri"), stop=stop, **opts)
+    if "size" in opts:
+        opts["size"] = tuple(opts["size"])
+    return SyntheticSource(stop=stop, **opts)
+
+
+def source_process(cam: dict, endpoint: str, mode: str, stop) -> None:
+    """Body of a camera process: publish frames until the source ends or ``stop`` is set."""
+    from runtime.sources import publish
+    from runtime.transport.sockets import Sender, TransportConfig
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
+    sender = Sender(TransportConfig(endpoint, mode=mode, send_timeout_ms=1000))
+    if mode == "live" and stop.wait(START_DELAY_S):  # let subscribers join before frame 0
+        sender.close()
+        return
+    try:
+        publish(make_source(cam, stop), sender, cam["id"], stop)
+    except TimeoutError:
+        pass  # every_part and the pipeline went away: nothing more to do
+    finally:
+        sender.close()
+
+
+class Runtime:
+    """Sources (processes) + pipeline + health server, started and stopped together."""
+
+    def __init__(self, cfg: RuntimeConfig) -> None:
+        from runtime.bundle import load_bundle
+        from runtime.capture import CaptureStore
+        from runtime.metrics import RuntimeMetrics
+        from runtime.pipeline import PipelineConfig
+        from runtime.transport.sockets import TransportConfig
+
+        self.cfg = cfg
+        Path(cfg.endpoint_dir).mkdir(parents=True, exist_ok=True)
+        self.bundle = load_bundle(cfg.bundle)
+        self.metrics = RuntimeMetrics()
+        p = dict(cfg.pipeline)
+        if "heatmap_size" in p and p["heatmap_size"] is not None:
+            p["heatmap_size"] = tuple(p["heatmap_size"])
+        captures = CaptureStore(**cfg.captures) if cfg.captures else None
+        first = cfg.cameras[0]["id"]
+        self.pipeline_cfg = PipelineConfig(
+            TransportConfig(cfg.frames_endpoint(first), mode=cfg.mode),
+            TransportConfig(cfg.results_endpoint, mode="live"),
+            model_name=cfg.model_name or self.bundle.manifest.get("name", "model"),
+            captures=captures, expected_cameras=[c["id"] for c in cfg.cameras], **p)
+        self.stop = threading.Event()
+        self.mp = mp.get_context("spawn")
+        self.source_stop = self.mp.Event()
+        self.processes: dict[str, mp.Process] = {}
+        self.pipeline = None
+        self.health = None
+
+    def start_source(self, cam: dict):
+        proc = self.mp.Process(target=source_process, name=f"source-{cam['id']}", daemon=True,
+                               args=(cam, self.cfg.frames_endpoint(cam["id"]), self.cfg.mode,
+                                     self.source_stop))
+        proc.start()
+        self.processes[cam["id"]] = proc
+        return proc
+
+    def start(self) -> Runtime:
+        from runtime.engines import open_engine
+        from runtime.health import HealthServer
+        from runtime.pipeline import Pipeline
+
+        # The pipeline exists (and is warm) before any source sends: every_part sources
+        # connect to its bound PULL; live sources bind PUBs that its SUB is already dialling.
+        self.pipeline = Pipeline(self.bundle, open_engine(self.bundle, self.cfg.backend,
+                                                          **self.cfg.backend_options),
+                                 self.pipeline_cfg, self.metrics)
+        if self.cfg.mode == "live":
+            for cam in self.cfg.cameras[1:]:
+                self.pipeline.receiver.socket.connect(self.cfg.frames_endpoint(cam["id"]))
+        self.pipeline.warmup()
+        for cam in self.cfg.cameras:
+            self.start_source(cam)
+        http = self.cfg.http or {}
+        if http.get("port") is not None:
+            self.health = HealthServer(self.metrics.registry, self.pipeline.ready,
+                                       http.get("host", "127.0.0.1"), http["port"]).start()
+        self.thread = threading.Thread(target=self.pipeline.run, args=(self.stop,), name="pipeline",
+                                       daemon=True)
+        self.thread.start()
+        return self
+
+    def sources_done(self) -> bool:
+        return all(not p.is_alive() for p in self.processes.values())
+
+    def shutdown(self, grace_s: float = 1.5) -> None:
+        self.source_stop.set()
+        self.stop.set()
+        deadline = time.monotonic() + grace_s
+        for proc in self.processes.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.processes.values():
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1)
+        if getattr(self, "thread", None) is not None:
+            self.thread.join(max(0.1, deadline - time.monotonic()))
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.health is not None:
+            self.health.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="configs/runtime/<profile>.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = RuntimeConfig.from_yaml(args.config)
+    runtime = Runtime(cfg).start()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    port = runtime.health.port if runtime.health else None
+    print(f"serving {cfg.bundle} on {len(cfg.cameras)} camera(s); results on {cfg.results_endpoint}"
+          + (f"; metrics on http://{cfg.http.get('host', '127.0.0.1')}:{port}/metrics" if port else ""))
+    try:
+        while not stopping.is_set() and not runtime.sources_done():
+            stopping.wait(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runtime.shutdown()
+    print(f"stopped after {runtime.pipeline.frames_done} frames")
+    return 0
