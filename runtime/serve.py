@@ -175,12 +175,18 @@ class Runtime:
             for cam in self.cfg.cameras[1:]:
                 self.pipeline.receiver.socket.connect(self.cfg.frames_endpoint(cam["id"]))
         self.pipeline.warmup()
-        for cam in self.cfg.cameras:
-            self.start_source(cam)
         http = self.cfg.http or {}
         if http.get("port") is not None:
-            self.health = HealthServer(self.metrics.registry, self.pipeline.ready,
-                                       http.get("host", "127.0.0.1"), http["port"]).start()
+            host = http.get("host", "127.0.0.1")
+            try:
+                self.health = HealthServer(self.metrics.registry, self.pipeline.ready, host,
+                                           http["port"]).start()
+            except OSError as exc:
+                self.pipeline.close()
+                raise ValueError(f"cannot serve /metrics on {host}:{http['port']} ({exc}); "
+                                 "choose another http.port (0 picks a free one)") from None
+        for cam in self.cfg.cameras:
+            self.start_source(cam)
         self.thread = threading.Thread(target=self.pipeline.run, args=(self.stop,), name="pipeline",
                                        daemon=True)
         self.thread.start()
@@ -218,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     port = runtime.health.port if runtime.health else None
     print(f"serving {cfg.bundle} on {len(cfg.cameras)} camera(s); results on {cfg.results_endpoint}"
-          + (f"; metrics on http://{cfg.http.get('host', '127.0.0.1')}:{port}/metrics" if port else ""))
+          + (f"; metrics on http://{cfg.http.get('host', '127.0.0.1')}:{port}/metrics" if port else ""),
+          flush=True)
     try:
         while not stopping.is_set() and not runtime.sources_done():
             stopping.wait(0.2)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", type=int, default=4, help="nominal images in the memory")
     parser.add_argument("--per-kind", type=int, default=150,
                         help="streamed images per kind (nominal, local, global)")
-    parser.add_argument("--fps", type=float, default=20.0, help="camera frame rate")
+    parser.add_argument("--fps", type=float, default=25.0, help="camera frame rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=9108, help="/metrics port (0: any free port)")
     parser.add_argument("--out", type=Path, default=Path("demo-output"),
@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_dict(json.loads((args.bundle / "manifest.json").read_text())["config"])
         seen = seen_images(cfg)
     items = stream_set(seen, args.per_kind, args.seed)
+    port = args.port if port_free(args.port) else 0
+    if port != args.port:
+        print(f"port {args.port} is busy; serving /metrics on a free port instead")
     args.out.mkdir(parents=True, exist_ok=True)
     endpoints = Path(tempfile.mkdtemp(prefix="edge-inspect-demo-"))
     cfg = RuntimeConfig(
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                   "fps": args.fps}],
         pipeline={"max_batch": 4, "max_wait_ms": 5, "heatmap_size": [62, 62]},
         captures={"folder": str(args.out / "captures"), "retain": 50},
-        http={"host": "127.0.0.1", "port": args.port})
+        http={"host": "127.0.0.1", "port": port})
     runtime = Runtime(cfg)
     results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000))
     runtime.start()
@@ -148,6 +151,19 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary)
     print(f"\nsummary.json, stream_scores.png and captures/ in {args.out}/")
     return 0
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    if port == 0:
+        return True
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def summarize(items, got, latency, runtime, threshold, t_first, t_last) -> dict:

@@ -1,0 +1,113 @@
+"""`edge-inspect serve` as a real process tree (torch blocked): ready, scoring, SIGTERM < 2 s."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import cv2
+import yaml
+
+from tests.runtime.test_no_torch import BLOCK_TORCH, REPO
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(body, name, **labels):
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", body, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_serve_scores_a_camera_and_stops_on_sigterm(bundles, tmp_path):
+    from trainer.data import TextileImages
+
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    for kind in ("nominal", "local"):
+        ds = TextileImages([kind])
+        for i in range(6):
+            cv2.imwrite(str(folder / f"{kind}-{i}.png"), ds[i].image[..., ::-1])
+    cfg = {"bundle": str(bundles["memory"]), "mode": "live", "endpoint_dir": str(tmp_path / "ep"),
+           "cameras": [{"id": "line1", "source": "folder", "path": str(folder), "fps": 30, "loop": True}],
+           "captures": {"folder": str(tmp_path / "captures"), "retain": 5},
+           "http": {"host": "127.0.0.1", "port": 0}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = BLOCK_TORCH + ("from runtime.cli import main\n"
+                          f"raise SystemExit(main(['serve', '--config', r'{path}']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/metrics", line).group(1))
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while _get(base + "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, _get(base + "/readyz")
+            time.sleep(0.2)
+        assert json.loads(_get(base + "/readyz")[1]) == {"engine_warm": True, "camera_line1_fresh": True}
+        time.sleep(1.5)
+        body = _get(base + "/metrics")[1]
+        model = {"camera": "line1", "model": "textile-memory"}
+        assert _metric(body, "edge_inspect_frames_inferred_total", **model) > 10
+        assert _metric(body, "edge_inspect_anomalies_total", **model) > 0
+        assert _metric(body, "edge_inspect_camera_up", camera="line1") == 1
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert children, "the camera runs in its own process"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=5)
+        assert time.monotonic() - t0 < 2.0 and rc == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    captures = list((tmp_path / "captures").iterdir())
+    assert captures and not [c for c in captures if c.name.startswith(".")]  # nothing half-written
+    assert len(captures) <= 5
+    time.sleep(0.2)
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+            alive = open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            alive = False
+        assert not alive, f"process {pid} outlived serve"
+
+
+def test_shipped_runtime_profiles_parse():
+    from runtime.serve import RuntimeConfig
+
+    profiles = sorted((REPO / "configs" / "runtime").glob("*.yaml"))
+    assert profiles
+    for path in profiles:
+        cfg = RuntimeConfig.from_yaml(path)
+        assert cfg.cameras and cfg.http["host"] == "127.0.0.1"  # loopback by default
+
+
+def test_runtime_config_errors():
+    import pytest
+
+    from runtime.serve import RuntimeConfig
+
+    with pytest.raises(ValueError, match="required"):
+        RuntimeConfig.from_dict({"cameras": []})
+    with pytest.raises(ValueError, match="unique id"):
+        RuntimeConfig.from_dict({"bundle": "b", "cameras": [{"id": "a", "source": "folder"},
+                                                            {"id": "a", "source": "folder"}]})
+    with pytest.raises(ValueError, match="source must be"):
+        RuntimeConfig.from_dict({"bundle": "b", "cameras": [{"id": "a", "source": "webcam"}]})
+    with pytest.raises(ValueError, match="unknown keys"):
+        RuntimeConfig.from_dict({"bundle": "b", "cameras": [], "gpu": 1})
