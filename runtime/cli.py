@@ -39,6 +39,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
                "(no torch)", "runtime.enroll"),
     Subcommand("serve", "run cameras -> ZeroMQ -> engine -> results, with /metrics (no torch)",
                "runtime.serve"),
+    Subcommand("watch", "live table of the results a pipeline publishes", "runtime.watch"),
     Subcommand("info", "versions and available engine backends", "runtime.info"),
     Subcommand(
         "inspect-weights",
