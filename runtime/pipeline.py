@@ -96,8 +96,9 @@ class Pipeline:
         prev = self.last_seq.get(cam)
         if prev is not None and msg.seq > prev + 1:
             self.metrics.drop(cam, "hwm", msg.seq - prev - 1)
-        if prev is None or msg.seq > prev:
-            self.last_seq[cam] = msg.seq
+        elif prev is not None and msg.seq <= prev:
+            log.info("camera %s restarted its sequence (%d after %d)", cam, msg.seq, prev)
+        self.last_seq[cam] = msg.seq
         return msg
 
     def receive(self) -> list[tuple[Message, int]]:

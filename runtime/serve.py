@@ -103,11 +103,17 @@ def make_source(cam: dict, stop):
     return SyntheticSource(stop=stop, **opts)
 
 
-def source_process(cam: dict, endpoint: str, mode: str, stop) -> None:
-    """Body of a camera process: publish frames until the source ends or ``stop`` is set."""
+def source_process(cam: dict, endpoint: str, mode: str) -> None:
+    """Body of a camera process: publish frames until the source ends or SIGTERM arrives.
+
+    The stop flag is local to the process (set by the SIGTERM handler): a shared
+    multiprocessing Event would deadlock its ``set()`` if a sibling was SIGKILLed while
+    waiting on it.
+    """
     from runtime.sources import publish
     from runtime.transport.sockets import Sender, TransportConfig
 
+    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
     sender = Sender(TransportConfig(endpoint, mode=mode, send_timeout_ms=1000))
@@ -148,15 +154,13 @@ class Runtime:
             captures=captures, expected_cameras=[c["id"] for c in cfg.cameras], **p)
         self.stop = threading.Event()
         self.mp = mp.get_context("spawn")
-        self.source_stop = self.mp.Event()
         self.processes: dict[str, mp.Process] = {}
         self.pipeline = None
         self.health = None
 
     def start_source(self, cam: dict):
         proc = self.mp.Process(target=source_process, name=f"source-{cam['id']}", daemon=True,
-                               args=(cam, self.cfg.frames_endpoint(cam["id"]), self.cfg.mode,
-                                     self.source_stop))
+                               args=(cam, self.cfg.frames_endpoint(cam["id"]), self.cfg.mode))
         proc.start()
         self.processes[cam["id"]] = proc
         return proc
@@ -196,8 +200,10 @@ class Runtime:
         return all(not p.is_alive() for p in self.processes.values())
 
     def shutdown(self, grace_s: float = 1.5) -> None:
-        self.source_stop.set()
         self.stop.set()
+        for proc in self.processes.values():
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: the source stops at its next frame
         deadline = time.monotonic() + grace_s
         for proc in self.processes.values():
             proc.join(max(0.0, deadline - time.monotonic()))
