@@ -125,7 +125,10 @@ def source_process(cam: dict, endpoint: str, mode: str) -> None:
     except TimeoutError:
         pass  # every_part and the pipeline went away: nothing more to do
     finally:
-        sender.close()
+        # a finished source delivers what is queued (the context waits for it: the process
+        # ends with os._exit, which would otherwise drop ZeroMQ's queue); a stopped one leaves
+        sender.close(linger_ms=0 if stop.is_set() else None)
+        sender.ctx.term()
 
 
 class Runtime:
@@ -149,7 +152,7 @@ class Runtime:
         first = cfg.cameras[0]["id"]
         self.pipeline_cfg = PipelineConfig(
             TransportConfig(cfg.frames_endpoint(first), mode=cfg.mode),
-            TransportConfig(cfg.results_endpoint, mode="live"),
+            TransportConfig(cfg.results_endpoint, mode="live", hwm=1000),  # small messages
             model_name=cfg.model_name or self.bundle.manifest.get("name", "model"),
             captures=captures, expected_cameras=[c["id"] for c in cfg.cameras], **p)
         self.stop = threading.Event()

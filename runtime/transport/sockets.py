@@ -33,7 +33,8 @@ class TransportConfig:
     mode: str = "live"
     binder: str | None = None  # "sender" or "receiver"; None: the mode's default (see below)
     hwm: int | None = None  # None: 2 for live, 50 for every_part
-    linger_ms: int = 100
+    linger_ms: int | None = None  # None: 100 ms live; every_part waits up to send_timeout_ms
+    #                               so frames still queued at close are delivered
     recv_timeout_ms: int = 500
     send_timeout_ms: int = 5000  # every_part: how long a blocked send waits before failing
     curve_server_secret: bytes | None = None  # binding side (z85 secret key)
@@ -96,7 +97,9 @@ def stop_authenticators() -> None:
 
 def _socket(ctx: zmq.Context, kind: int, cfg: TransportConfig, bind: bool) -> zmq.Socket:
     sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, cfg.linger_ms)
+    linger = cfg.linger_ms if cfg.linger_ms is not None else (
+        100 if cfg.mode == "live" else cfg.send_timeout_ms)
+    sock.setsockopt(zmq.LINGER, linger)
     sock.setsockopt(zmq.SNDHWM, cfg.high_water_mark)
     sock.setsockopt(zmq.RCVHWM, cfg.high_water_mark)
     sock.setsockopt(zmq.RCVTIMEO, cfg.recv_timeout_ms)
@@ -143,8 +146,9 @@ class Sender:
             raise TimeoutError(f"no receiver took a message on {self.cfg.endpoint} within "
                                f"{self.cfg.send_timeout_ms} ms") from None
 
-    def close(self) -> None:
-        self.socket.close()
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close; queued messages get the configured LINGER (or ``linger_ms``) to leave."""
+        self.socket.close(linger=linger_ms)
 
 
 class Receiver:

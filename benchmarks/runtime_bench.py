@@ -1,0 +1,167 @@
+"""Runtime throughput and transport, each measured as a ratio within one run.
+
+1. End-to-end pipeline vs bare engine, batch 1, same bundle: frames/s of
+   ``engine.infer`` on one frame at a time, against frames/s of the whole path (a synthetic
+   camera process -> ZeroMQ every_part -> preprocess -> engine -> publish -> a results
+   subscriber), ``max_batch`` 1. The engine is timed before and after the pipeline and
+   averaged, so drift hits both sides. Target ratio >= 0.95.
+2. ZeroMQ transport of a 1920x1080x3 uint8 frame over ipc and tcp (PUSH/PULL, a sender
+   process, zero-copy send): p50 one-way latency (monotonic clock, same host) and GB/s,
+   against a plain numpy copy of the same frame in memory.
+
+    .venv/bin/python benchmarks/runtime_bench.py [--bundle B] [--frames 300]
+
+Without ``--bundle`` it uses (building if needed) the demo's bundle, bundles/textile-demo.
+Writes benchmarks/results/runtime_bench.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.bundle import load_bundle
+from runtime.engines import open_engine
+from runtime.preprocess import fit_image
+from runtime.serve import Runtime, RuntimeConfig
+from runtime.transport.sockets import Receiver, Sender, TransportConfig
+from runtime.transport.wire import decode, encode
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HD = (1080, 1920, 3)
+
+
+def engine_fps(bundle, frames: int) -> float:
+    engine = open_engine(bundle)
+    engine.warmup()
+    rng = np.random.default_rng(0)
+    frame = fit_image(rng.integers(0, 256, (250, 250, 3), dtype=np.uint8),
+                      (bundle.image.height, bundle.image.width), bundle.image.fit)[None]
+    t0 = time.perf_counter()
+    for _ in range(frames):
+        engine.infer(frame)
+    return frames / (time.perf_counter() - t0)
+
+
+def pipeline_fps(bundle_dir: Path, frames: int) -> float:
+    with tempfile.TemporaryDirectory() as ep:
+        cfg = RuntimeConfig(bundle=str(bundle_dir), mode="every_part", endpoint_dir=ep,
+                            cameras=[{"id": "bench", "source": "synthetic", "size": [250, 250],
+                                      "fps": None, "count": frames}],
+                            pipeline={"max_batch": 1, "heatmap_size": [64, 64]},
+                            http={"port": None}, model_name="bench")
+        rt = Runtime(cfg)
+        rx = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=100000))
+        rt.start()
+        got, t_first = 0, None
+        try:
+            while got < frames:
+                parts = rx.recv(10000)
+                if parts is None:
+                    raise RuntimeError(f"pipeline stalled after {got} results")
+                got += 1
+                if got == 11:  # skip start-up: time results 11..N
+                    t_first = time.perf_counter()
+            return (frames - 11) / (time.perf_counter() - t_first)
+        finally:
+            rt.shutdown()
+            rx.close()
+
+
+def _sender(endpoint: str, n: int) -> None:
+    tx = Sender(TransportConfig(endpoint, mode="every_part", hwm=4, send_timeout_ms=20000))
+    frame = np.random.default_rng(0).integers(0, 256, HD, dtype=np.uint8)
+    time.sleep(0.3)
+    for seq in range(n):
+        tx.send(encode("frame", "hd", seq, time.monotonic_ns(), [frame]))
+    time.sleep(0.5)
+    tx.close()
+
+
+def transport(endpoint: str, n: int) -> dict:
+    rx = Receiver(TransportConfig(endpoint, mode="every_part", hwm=4))
+    if endpoint.endswith(":*"):
+        endpoint = rx.socket.getsockopt(__import__("zmq").LAST_ENDPOINT).decode()
+    proc = mp.get_context("spawn").Process(target=_sender, args=(endpoint, n))
+    proc.start()
+    lat, t0 = [], None
+    for i in range(n):
+        parts = rx.recv(20000)
+        msg = decode(parts)
+        lat.append((time.monotonic_ns() - msg.t_capture_ns) / 1e9)
+        if i == 0:
+            t0 = time.perf_counter()
+    dt = time.perf_counter() - t0
+    proc.join(10)
+    rx.close()
+    nbytes = int(np.prod(HD))
+    return {"p50_latency_ms": 1000 * float(np.median(lat[5:])),
+            "GB_per_s": (n - 1) * nbytes / dt / 1e9}
+
+
+def numpy_copy(n: int) -> dict:
+    src = np.random.default_rng(0).integers(0, 256, HD, dtype=np.uint8)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return {"p50_latency_ms": 1000 * float(np.median(times)),
+            "GB_per_s": src.nbytes / float(np.median(times)) / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, default=None)
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--hd-frames", type=int, default=200)
+    args = parser.parse_args()
+    bundle_dir = args.bundle or Path("bundles/textile-demo")
+    if not (bundle_dir / "manifest.json").exists():
+        from trainer.demo import build_bundle
+
+        build_bundle(bundle_dir, 4, 0)
+    bundle = load_bundle(bundle_dir)
+    e1 = engine_fps(bundle, args.frames)
+    p = pipeline_fps(bundle_dir, args.frames)
+    e2 = engine_fps(bundle, args.frames)
+    engine = (e1 + e2) / 2
+    with tempfile.TemporaryDirectory() as tmp:
+        ipc = transport(f"ipc://{tmp}/hd", args.hd_frames)
+    tcp = transport("tcp://127.0.0.1:*", args.hd_frames)
+    copy = numpy_copy(args.hd_frames)
+    result = {"bundle": str(bundle_dir), "frames": args.frames,
+              "pipeline_over_engine": p / engine, "engine_runs_fps": [e1, e2], "pipeline_fps": p,
+              "transport_1080p": {"ipc": ipc, "tcp": tcp, "numpy_copy": copy},
+              "machine": platform.platform(),
+              "command": f"python benchmarks/runtime_bench.py --frames {args.frames} "
+                         f"--hd-frames {args.hd_frames}"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "runtime_bench.json").write_text(json.dumps(result, indent=2))
+    lines = [f"Command: `{result['command']}` (bundle {bundle_dir}); {result['machine']}.", "",
+             f"End-to-end pipeline / bare engine throughput, batch 1: **{p / engine:.3f}** "
+             "(target >= 0.95).", "",
+             "| 1920x1080x3 uint8 frame | p50 one-way latency / numpy copy | throughput / numpy copy |",
+             "|---|---|---|"]
+    for name in ("ipc", "tcp"):
+        t = result["transport_1080p"][name]
+        lines.append(f"| ZeroMQ {name} | {t['p50_latency_ms'] / copy['p50_latency_ms']:.1f}x | "
+                     f"{t['GB_per_s'] / copy['GB_per_s']:.2f}x |")
+    lines += ["", "Absolute numbers (this shared 2-core VM; for the record, not a claim): "
+              + ", ".join(f"{k} {v['p50_latency_ms']:.2f} ms / {v['GB_per_s']:.2f} GB/s"
+                          for k, v in result["transport_1080p"].items())
+              + f"; engine {engine:.0f} frames/s, pipeline {p:.0f} frames/s."]
+    (RESULTS / "runtime_bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
