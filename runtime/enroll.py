@@ -22,9 +22,7 @@ import numpy as np
 from runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file
 from runtime.calibration import calibrate_false_alarm_rate
 from runtime.enrollment import build_memory
-from runtime.preprocess import fit_image, read_rgb
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 FIT_MODES = ("resize", "center_crop")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:

@@ -18,12 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from runtime.preprocess import read_rgb
+from runtime.preprocess import IMAGE_SUFFIXES, read_rgb
 from runtime.transport.sockets import Sender
 from runtime.transport.wire import encode
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 Frame = tuple[np.ndarray, int]
 
 

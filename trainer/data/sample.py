@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from runtime.preprocess import IMAGE_SUFFIXES
+
 
 class DatasetError(ValueError):
     """A dataset on disk that does not match its expected layout, named with the path."""
@@ -48,7 +50,6 @@ class Record:
     xyz: Path | None = None
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def list_images(folder: Path) -> list[Path]:
