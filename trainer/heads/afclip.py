@@ -48,7 +48,7 @@ from torch import nn
 
 from trainer.backbones.clip import ClipModel
 from trainer.backbones.clip_tokenizer import tokenize
-from trainer.heads.base import AnomalyHead, TrainPhase
+from trainer.heads.base import AnomalyHead, BankMemory, TrainPhase
 from trainer.losses import binary_focal_loss, patch_alignment_loss
 from trainer.memory import nearest_cosine_distance
 from trainer.smoothing import GaussianSmoothing
@@ -136,10 +136,11 @@ class AttentionAdapter(nn.Module):
         return self.out((attn @ v).transpose(1, 2).reshape(b, n, -1))
 
 
-class AfClipHead(AnomalyHead):
+class AfClipHead(BankMemory, AnomalyHead):
     """AF-CLIP (zero-shot) and AF-CLIP+ (after :meth:`enroll`) on a frozen CLIP."""
 
     method = "afclip"
+    memory_name = "AF-CLIP+"
 
     def __init__(self, clip: ClipModel, cfg: AfClipConfig | None = None) -> None:
         super().__init__()
@@ -249,34 +250,15 @@ class AfClipHead(AnomalyHead):
         return total, {"cls": cls.item(), "seg": seg.item(), "align": align.item()}
 
     # -- few-shot memory (AF-CLIP+) --------------------------------------------------------
-    @property
-    def supports_memory(self) -> bool:
-        return True
-
     def enroll(self, shots: torch.Tensor) -> None:
         with torch.no_grad():
             sets = self.token_sets(shots)
-        self.bank = torch.stack([F.normalize(x[:, 1:].reshape(-1, x.shape[-1]), dim=-1)
-                                 for x in sets])
+        self.set_bank([x[:, 1:] for x in sets])
 
-    def clear_memory(self) -> None:
-        self.bank = None
+    def memory_sets(self) -> int:
+        return len(self.cfg.taps) * len(self.cfg.scales)
 
     def memory_scores(self, sets: list[torch.Tensor]) -> torch.Tensor:
         """Eq. 17 averaged over the sets: ``(B, N)``; one matmul per set against its bank."""
         scores = [nearest_cosine_distance(s[:, 1:], self.bank[i]) for i, s in enumerate(sets)]
         return torch.stack(scores).mean(0)
-
-    def memory_state(self) -> dict[str, torch.Tensor]:
-        return {} if self.bank is None else {"bank": self.bank}
-
-    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            self.clear_memory()
-            return
-        n_sets = len(self.cfg.taps) * len(self.cfg.scales)
-        bank = state.get("bank")
-        if set(state) != {"bank"} or bank.ndim != 3 or bank.shape[0] != n_sets:
-            raise ValueError(f"AF-CLIP+ memory must be one tensor 'bank' of shape ({n_sets}, M, C), "
-                             f"got { {k: tuple(v.shape) for k, v in state.items()} }")
-        self.bank = bank.float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainer.backbones.base import Backbone
@@ -108,3 +109,43 @@ class AnomalyHead(nn.Module):
     def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             raise NotImplementedError(f"{self.method} has no few-shot memory")
+
+
+class BankMemory:
+    """Few-shot memory as one L2-normalized patch bank per token set, stacked ``(S, M, C)``.
+
+    AF-CLIP+ (a bank per aggregated set) and CMAD's Visual Discrepancy Inference (a bank
+    per tap) store the same thing; heads mix this in and say how many sets they have.
+    """
+
+    bank: torch.Tensor | None = None
+    memory_name = "memory"
+
+    def memory_sets(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def supports_memory(self) -> bool:
+        return True
+
+    def set_bank(self, features: list[torch.Tensor]) -> None:
+        """``features``: one ``(K, N, C)`` tensor of shot patches per set."""
+        self.bank = torch.stack([F.normalize(f.reshape(-1, f.shape[-1]), dim=-1) for f in features])
+
+    def clear_memory(self) -> None:
+        self.bank = None
+
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.bank is None else {"bank": self.bank}
+
+    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Use the stored bank as it is (an exported graph binds its input here)."""
+        if not state:
+            self.clear_memory()
+            return
+        n = self.memory_sets()
+        bank = state.get("bank")
+        if set(state) != {"bank"} or bank.ndim != 3 or bank.shape[0] != n:
+            raise ValueError(f"{self.memory_name} memory must be one tensor 'bank' of shape ({n}, M, C), "
+                             f"got { {k: tuple(v.shape) for k, v in state.items()} }")
+        self.bank = bank.float()

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.backbones.clip import ClipModel
-from trainer.heads.base import AnomalyHead, TrainPhase
+from trainer.heads.base import AnomalyHead, BankMemory, TrainPhase
 from trainer.losses import dice_loss, softmax_focal_loss
 from trainer.memory import nearest_cosine_distance
 
@@ -83,10 +83,11 @@ def topk_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
     return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
 
 
-class CmadHead(AnomalyHead):
+class CmadHead(BankMemory, AnomalyHead):
     """CMAD on a frozen CLIP image encoder; one prototype set per auxiliary dataset."""
 
     method = "cmad"
+    memory_name = "CMAD"
 
     def __init__(self, clip: ClipModel, prototype_sets: list[str], cfg: CmadConfig | None = None):
         super().__init__()
@@ -257,28 +258,10 @@ class CmadHead(AnomalyHead):
         return total, {"global": l_global.item(), "local": l_local.item()}
 
     # -- few-shot memory (Visual Discrepancy Inference) ----------------------------------------
-    @property
-    def supports_memory(self) -> bool:
-        return True
-
     def enroll(self, shots: torch.Tensor) -> None:
         with torch.no_grad():
             _, f_l = self.features(shots)
-        self.bank = torch.stack([F.normalize(f.reshape(-1, f.shape[-1]), dim=-1) for f in f_l])
+        self.set_bank(f_l)
 
-    def clear_memory(self) -> None:
-        self.bank = None
-
-    def memory_state(self) -> dict[str, torch.Tensor]:
-        return {} if self.bank is None else {"bank": self.bank}
-
-    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            self.clear_memory()
-            return
-        bank = state.get("bank")
-        n = len(self.cfg.taps)
-        if set(state) != {"bank"} or bank.ndim != 3 or bank.shape[0] != n:
-            raise ValueError(f"CMAD memory must be one tensor 'bank' of shape ({n}, M, E), got "
-                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")
-        self.bank = bank.float()
+    def memory_sets(self) -> int:
+        return len(self.cfg.taps)
