@@ -78,20 +78,28 @@ class FolderSource:
 
 
 class SyntheticSource:
-    """Moving-gradient frames of a given size, for load tests without files."""
+    """Moving-gradient frames of a given size, for load tests without files.
+
+    ``variants`` frames are drawn once and cycled, so generating a frame costs nothing and
+    the source does not compete with the pipeline for CPU.
+    """
 
     def __init__(self, size: tuple[int, int] = (480, 640), fps: float | None = 30.0,
-                 count: int | None = None, stop: threading.Event | None = None) -> None:
-        self.size, self.fps, self.count = size, fps, count
+                 count: int | None = None, variants: int = 16,
+                 stop: threading.Event | None = None) -> None:
+        self.size, self.fps, self.count, self.variants = size, fps, count, variants
         self.stop = stop or threading.Event()
 
     def __iter__(self) -> Iterator[Frame]:
         h, w = self.size
         base = (np.add.outer(np.arange(h), np.arange(w)) % 256).astype(np.uint8)
+        frames = []
+        for i in range(self.variants):
+            shifted = np.roll(base, 7 * i, axis=1)
+            frames.append(np.stack([shifted, shifted[::-1], np.full_like(shifted, 16 * i % 256)], -1))
         pacer, i = Pacer(self.fps, self.stop), 0
         while (self.count is None or i < self.count) and pacer.wait():
-            shifted = np.roll(base, i, axis=1)
-            yield np.stack([shifted, shifted[::-1], np.full_like(shifted, i % 256)], -1), time.monotonic_ns()
+            yield frames[i % self.variants], time.monotonic_ns()
             i += 1
 
 
