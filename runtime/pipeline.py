@@ -114,7 +114,7 @@ class Pipeline:
                 if msg.camera in newest:
                     self.metrics.drop(msg.camera, "stale")
                 newest[msg.camera] = msg
-            return [(m, now) for m in newest.values()][: self.cfg.max_batch]
+            return [(m, now) for m in newest.values()]  # one per camera; run() batches them
         out = []
         deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
         timeout = 100
@@ -185,7 +185,9 @@ class Pipeline:
         if not self.warm:
             self.warmup()
         while not stop.is_set():
-            self.process(self.receive())
+            frames = self.receive()
+            for start in range(0, len(frames), self.cfg.max_batch):  # more cameras than max_batch
+                self.process(frames[start:start + self.cfg.max_batch])
             self.update_camera_up()
 
     def close(self) -> None:

@@ -124,8 +124,10 @@ def test_killed_source_goes_down_and_comes_back(bundles, tmp_path, mode):
 
 
 def test_several_cameras_at_once(bundles, tmp_path):
+    # more cameras than max_batch: every camera's newest frame is still scored
     rt = _runtime(bundles["memory"], tmp_path, "live",
-                  [{"id": f"cam{i}", "source": "synthetic", "size": [250, 250], "fps": 15} for i in range(3)])
+                  [{"id": f"cam{i}", "source": "synthetic", "size": [250, 250], "fps": 15} for i in range(3)],
+                  max_batch=2)
     try:
         _wait(lambda: all(_value(rt, "edge_inspect_frames_inferred_total", camera=f"cam{i}", model="m") > 3
                           for i in range(3)))
