@@ -91,10 +91,6 @@ class AnomalyHead(nn.Module):
     def set_variant(self, variant: str | None) -> None:
         """Switch to one of :meth:`evaluation_variants`."""
 
-    @property
-    def supports_memory(self) -> bool:
-        return False
-
     def enroll(self, shots: torch.Tensor) -> None:
         """Build the few-shot memory from K normal images ``(K, 3, H, W)``."""
         raise NotImplementedError(f"{self.method} has no few-shot memory")
@@ -123,10 +119,6 @@ class BankMemory:
 
     def memory_sets(self) -> int:
         raise NotImplementedError
-
-    @property
-    def supports_memory(self) -> bool:
-        return True
 
     def set_bank(self, features: list[torch.Tensor]) -> None:
         """``features``: one ``(K, N, C)`` tensor of shot patches per set."""

@@ -80,10 +80,6 @@ class MemoryHead(AnomalyHead):
         head.enroll(shots)
         return head
 
-    @property
-    def supports_memory(self) -> bool:
-        return True
-
     def enroll(self, shots: torch.Tensor) -> None:
         with torch.no_grad():
             self.enroll_taps(self.backbone.forward_taps(shots, self.taps))
