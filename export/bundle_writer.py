@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
-import tempfile
 import time
 import warnings
 from importlib import metadata
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 
 from export.graph import ExportGraph, batch_axes
-from runtime.bundle import MANIFEST, SCHEMA_VERSION, load_bundle, sha256_file
+from runtime.bundle import MANIFEST, SCHEMA_VERSION, refuse_existing, sha256_file, staged_bundle
 from trainer.checkpoint import load_checkpoint
 from trainer.config import RunConfig
 from trainer.data.sample import IMAGE_SUFFIXES, read_rgb
@@ -76,8 +74,7 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
                   images: Path | None = None, parity_count: int = 8) -> Path:
     """Export a run's head as a bundle at ``out``; returns ``out``."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose another --out (bundles are never overwritten)")
+    refuse_existing(out)  # before the expensive part; staged_bundle checks again
     cfg = RunConfig.from_yaml(run_dir / "config.yaml")
     checkpoint = checkpoint or run_dir / "checkpoint.safetensors"
     ckpt = load_checkpoint(checkpoint)
@@ -109,8 +106,7 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
         if v.ndim >= 2:
             dynamic[f"memory.{k}"] = {v.ndim - 2: "memory_rows"}
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_bundle(out) as tmp:
         model_path = tmp / "model.onnx"
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -133,12 +129,6 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
                               f"{report['map_max_abs_diff']:.3g} (limit {MAP_TOL}); no bundle written")
         manifest = _manifest(cfg, ckpt, checkpoint, head, memory, want_feats, axes, files, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        load_bundle(tmp)  # the runtime's own reader accepts it
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

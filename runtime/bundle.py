@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,29 @@ MANIFEST = "manifest.json"
 
 class BundleError(ValueError):
     """A bundle that cannot be served, with the reason and the fix."""
+
+
+def refuse_existing(out: Path) -> None:
+    """Bundles are versions: a new one never replaces a folder that exists."""
+    if Path(out).exists():
+        raise FileExistsError(f"{out} exists; choose another --out (bundles are never overwritten)")
+
+
+@contextmanager
+def staged_bundle(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds and
+    removed when it fails: a bundle is either complete or absent."""
+    out = Path(out)
+    refuse_existing(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        load_bundle(tmp)  # the runtime's own reader accepts it before it becomes visible
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -13,13 +13,12 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file
+from runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file, staged_bundle
 from runtime.calibration import calibrate_false_alarm_rate
 from runtime.enrollment import build_memory
 from runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
@@ -95,10 +94,7 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
     calibration = calibrate_false_alarm_rate(scores, target).as_dict()
 
     out = Path(out or f"{bundle_dir}.enrolled-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose another --out (bundles are never overwritten)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_bundle(out) as tmp:
         for name in m["files"]:
             if name != m["memory"]["file"]:
                 _link_or_copy(bundle.root / name, tmp / name)
@@ -113,11 +109,6 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         new["files"] = {name: sha256_file(tmp / name) for name in m["files"]}
         (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
-        load_bundle(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
