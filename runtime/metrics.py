@@ -7,6 +7,8 @@ sub-millisecond buckets for the per-stage times.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "edge_inspect_"
@@ -17,6 +19,20 @@ STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.0
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                    0.75, 1.0, 2.0, 5.0)
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+
+@dataclass
+class CameraSeries:
+    """One camera's labelled series, looked up once: the per-frame path only observes."""
+
+    received: Counter
+    last_frame: Gauge
+    up: Gauge
+    inferred: Counter
+    anomalies: Counter
+    score: Histogram
+    e2e: Histogram
+    stages: dict[str, Histogram]
 
 
 class RuntimeMetrics:
@@ -44,8 +60,21 @@ class RuntimeMetrics:
                                 "received", ["camera"], registry=r)
         self.camera_up = Gauge(p + "camera_up", "1 while the camera delivers frames", ["camera"],
                                registry=r)
+        self._cameras: dict[tuple[str, str], CameraSeries] = {}
         self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
                                 ["model", "backend", "precision"], registry=r)
+
+    def camera(self, camera: str, model: str) -> CameraSeries:
+        """The cached series of ``camera`` (label lookups take a lock; frames should not)."""
+        series = self._cameras.get((camera, model))
+        if series is None:
+            series = self._cameras[(camera, model)] = CameraSeries(
+                self.frames_received.labels(camera), self.last_frame.labels(camera),
+                self.camera_up.labels(camera), self.frames_inferred.labels(camera, model),
+                self.anomalies.labels(camera, model), self.anomaly_score.labels(camera, model),
+                self.e2e_latency.labels(camera),
+                {stage: self.stage_seconds.labels(stage, camera) for stage in STAGES})
+        return series
 
     def drop(self, camera: str, reason: str, n: int = 1) -> None:
         if reason not in DROP_REASONS:

@@ -89,10 +89,11 @@ class Pipeline:
             self.metrics.drop(msg.camera, "malformed")
             return None
         cam = msg.camera
-        self.metrics.frames_received.labels(cam).inc()
-        self.metrics.last_frame.labels(cam).set(time.time())
+        series = self.metrics.camera(cam, self.cfg.model_name)
+        series.received.inc()
+        series.last_frame.set(time.time())
+        series.up.set(1)
         self.last_seen[cam] = time.monotonic()
-        self.metrics.camera_up.labels(cam).set(1)
         prev = self.last_seq.get(cam)
         if prev is not None and msg.seq > prev + 1:
             self.metrics.drop(cam, "hwm", msg.seq - prev - 1)
@@ -132,7 +133,6 @@ class Pipeline:
     def process(self, batch: list[tuple[Message, int]]) -> None:
         if not batch:
             return
-        m = self.metrics
         t0 = time.perf_counter()
         size = (self.bundle.image.height, self.bundle.image.width)
         frames = [fit_image(msg.arrays[0], size, self.bundle.image.fit) for msg, _ in batch]
@@ -161,34 +161,39 @@ class Pipeline:
             except TimeoutError as exc:  # an every_part results consumer stalled: keep serving
                 log.warning("result of %s seq %d not delivered: %s", cam, msg.seq, exc)
             publish = time.perf_counter() - tp
-            m.stage_seconds.labels("transport", cam).observe(transport)
+            series = self.metrics.camera(cam, self.cfg.model_name)
+            series.stages["transport"].observe(transport)
             for stage, secs in per_frame.items():
-                m.stage_seconds.labels(stage, cam).observe(secs)
-            m.stage_seconds.labels("publish", cam).observe(publish)
-            m.e2e_latency.labels(cam).observe((time.monotonic_ns() - msg.t_capture_ns) / 1e9)
-            m.frames_inferred.labels(cam, self.cfg.model_name).inc()
-            m.anomaly_score.labels(cam, self.cfg.model_name).observe(calibrated_score(score, threshold))
+                series.stages[stage].observe(secs)
+            series.stages["publish"].observe(publish)
+            series.e2e.observe((time.monotonic_ns() - msg.t_capture_ns) / 1e9)
+            series.inferred.inc()
+            series.score.observe(calibrated_score(score, threshold))
             if label:
-                m.anomalies.labels(cam, self.cfg.model_name).inc()
-                if self.cfg.captures is not None:
-                    self.cfg.captures.save(cam, msg.seq, frame, heat,
-                                           {"camera": cam, "seq": msg.seq,
-                                            "t_capture_ns": msg.t_capture_ns, **header})
+                series.anomalies.inc()
+                if self.cfg.captures is not None:  # PNG encoding happens on the writer thread
+                    self.cfg.captures.submit(cam, msg.seq, frame, heat,
+                                             {"camera": cam, "seq": msg.seq,
+                                              "t_capture_ns": msg.t_capture_ns, **header})
         self.frames_done += len(batch)
 
     def update_camera_up(self) -> None:
         now = time.monotonic()
         for cam, seen in self.last_seen.items():
-            self.metrics.camera_up.labels(cam).set(int(now - seen < self.cfg.camera_timeout_s))
+            self.metrics.camera(cam, self.cfg.model_name).up.set(int(now - seen < self.cfg.camera_timeout_s))
 
     def run(self, stop: threading.Event) -> None:
         if not self.warm:
             self.warmup()
-        while not stop.is_set():
-            frames = self.receive()
-            for start in range(0, len(frames), self.cfg.max_batch):  # more cameras than max_batch
-                self.process(frames[start:start + self.cfg.max_batch])
-            self.update_camera_up()
+        try:
+            while not stop.is_set():
+                frames = self.receive()
+                for start in range(0, len(frames), self.cfg.max_batch):  # more cameras than max_batch
+                    self.process(frames[start:start + self.cfg.max_batch])
+                self.update_camera_up()
+        finally:
+            if self.cfg.captures is not None:
+                self.cfg.captures.flush()
 
     def close(self) -> None:
         self.receiver.close()
