@@ -125,10 +125,15 @@ class CaptureSource:
         self.reconnects, self.up = 0, False
 
     def _open(self) -> cv2.VideoCapture | None:
-        cap = cv2.VideoCapture(self.uri)
-        if self.stall_s and not self.is_file:
-            cap.set(cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.stall_s * 1000)
-            cap.set(cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.stall_s * 1000)
+        if self.stall_s and isinstance(self.uri, str) and not self.is_file:
+            # The watchdog: a URL whose read blocks longer than stall_s fails the read and
+            # reconnects. The timeouts only work as open parameters (set afterwards, FFmpeg
+            # ignores them and a stalled HTTP stream blocks read() until the server hangs up).
+            ms = int(self.stall_s * 1000)
+            cap = cv2.VideoCapture(self.uri, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms,
+                                                              cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+        else:
+            cap = cv2.VideoCapture(self.uri)
         if not cap.isOpened():
             cap.release()
             return None

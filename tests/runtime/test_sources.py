@@ -1,7 +1,9 @@
-"""Sources: folder replay pacing and loop, synthetic frames, video files, reconnect backoff."""
+"""Sources: folder replay pacing and loop, synthetic frames, video files, reconnect backoff,
+the stall watchdog on a real HTTP MJPEG stream."""
 
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import numpy as np
@@ -66,3 +68,54 @@ def test_unreachable_stream_backs_off_and_gives_up():
     assert list(src) == []
     assert src.reconnects == 3 and not src.up
     assert time.monotonic() - t0 >= 0.05 + 0.1 + 0.2 - 0.05  # waits grew: 0.05, 0.1, 0.2
+
+
+def test_missing_camera_index_backs_off_and_gives_up():
+    src = CaptureSource("63", backoff_s=0.02, backoff_max_s=0.05, max_reconnects=2)  # no /dev/video63
+    assert src.uri == 63 and not src.is_file  # an index, not a path
+    assert list(src) == [] and src.reconnects == 2
+
+
+class _StallingMJPEG(BaseHTTPRequestHandler):
+    """An HTTP MJPEG camera that sends 10 frames, then keeps the connection open silently."""
+
+    connections = 0
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).connections += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        jpg = cv2.imencode(".jpg", np.full((48, 64, 3), 120, np.uint8))[1].tobytes()
+        try:
+            for _ in range(10):
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                 % len(jpg) + jpg + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.01)
+            time.sleep(20)  # the stall
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_stall_watchdog_reconnects_a_stream_that_goes_silent():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StallingMJPEG)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    src = CaptureSource(f"http://127.0.0.1:{server.server_address[1]}/stream.mjpg", stall_s=0.5,
+                        backoff_s=0.05)
+    t0, times = time.monotonic(), []
+    try:
+        for frame, _ in src:
+            assert frame.shape == (48, 64, 3)
+            times.append(time.monotonic() - t0)
+            if len(times) == 12:
+                break
+    finally:
+        server.shutdown()
+    assert src.reconnects == 1 and _StallingMJPEG.connections == 2
+    gap = times[10] - times[9]  # frame 11 came over the second connection
+    assert 0.4 < gap < 3.0, f"stall detected after {gap:.2f} s, expected about 0.5 s"
