@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "edge_inspect_"
 STAGES = ("transport", "preprocess", "infer", "postprocess", "publish")
-DROP_REASONS = ("hwm", "stale", "malformed", "queue_full")
+DROP_REASONS = ("hwm", "stale", "malformed")
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                  0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,

@@ -1,22 +1,29 @@
 """The inference pipeline: frames in over ZeroMQ, scores and heatmaps out, metrics on the side.
 
-One loop per pipeline process:
+Three threads overlap so that the engine runs back to back (the Python work of one frame
+happens while the engine scores another; the engine releases the GIL):
 
-1. **receive**: ``live`` drains everything queued and keeps the newest frame per camera
-   (older ones are ``stale`` drops; ``seq`` gaps are ``hwm`` drops); ``every_part`` takes
-   up to ``max_batch`` frames, waiting at most ``max_wait_ms`` for the batch to fill.
-   Messages that do not decode are counted as ``malformed`` and skipped.
-2. **preprocess**: fit each frame to the bundle's input (``runtime.preprocess``).
-3. **infer**: one engine call for the micro-batch.
-4. **postprocess**: label = score > threshold; heatmap downsampled to ``heatmap_size``.
-5. **publish**: ``result.<camera>`` with a JSON header (score, label, threshold, model, seq,
-   capture time, per-stage seconds) and the heatmap as float16 payload; anomalous frames go
-   to the capture store.
+1. **intake**: receive (``live`` drains everything queued and keeps the newest frame per
+   camera, older ones are ``stale`` drops, ``seq`` gaps are ``hwm`` drops; ``every_part``
+   takes frames in order), decode (messages that do not decode are counted as
+   ``malformed`` and skipped), preprocess (``runtime.preprocess``), hand over
+   (:mod:`runtime.handoff`).
+2. **infer** (the thread that calls :meth:`Pipeline.run`): takes up to ``max_batch``
+   frames (``every_part`` waits at most ``max_wait_ms`` for the batch to fill; ``live``
+   takes what is there), one engine call per micro-batch.
+3. **publish**: postprocess (label = score > threshold; heatmap downsampled to
+   ``heatmap_size``), ``result.<camera>`` with a JSON header (score, label, threshold,
+   model, seq, capture time, per-stage seconds) and the heatmap as float16 payload, metrics;
+   anomalous frames go to the capture store.
+
+Per-stage seconds cover work only; time spent waiting between stages shows in the
+end-to-end latency.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +33,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.capture import CaptureStore
+from runtime.handoff import FrameHandoff
 from runtime.metrics import RuntimeMetrics, calibrated_score
 from runtime.preprocess import fit_image
 from runtime.transport.sockets import Receiver, Sender, TransportConfig
@@ -47,6 +55,16 @@ class PipelineConfig:
     expected_cameras: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Prepared:
+    """A decoded frame fitted to the bundle's input, on its way to the engine."""
+
+    msg: Message
+    t_recv: int  # monotonic ns when it was received
+    frame: np.ndarray
+    preprocess_s: float
+
+
 class Pipeline:
     """Runs a bundle's engine on frames from ``cfg.frames`` and publishes on ``cfg.results``."""
 
@@ -59,6 +77,10 @@ class Pipeline:
         self.last_seen: dict[str, float] = {}
         self.warm = False
         self.frames_done = 0
+        self.input_size = (bundle.image.height, bundle.image.width)
+        self.handoff = FrameHandoff(latest_wins=cfg.frames.mode == "live", capacity=cfg.max_batch)
+        self.to_publish: queue.Queue = queue.Queue(maxsize=2)  # inferred batches
+        self._warned_unfit: set[str] = set()
 
     # -- readiness ---------------------------------------------------------------------------
     def ready(self) -> dict[str, bool]:
@@ -115,85 +137,144 @@ class Pipeline:
                 if msg.camera in newest:
                     self.metrics.drop(msg.camera, "stale")
                 newest[msg.camera] = msg
-            return [(m, now) for m in newest.values()]  # one per camera; run() batches them
-        out = []
-        deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
-        timeout = 100
-        while len(out) < self.cfg.max_batch:
-            parts = self.receiver.recv(timeout_ms=timeout)
-            if parts is None:
-                break
+            return [(m, now) for m in newest.values()]  # one per camera
+        out = []  # every_part: in order, nothing dropped (the batch fills in the hand-over)
+        for parts in self.receiver.drain(timeout_ms=100, limit=self.cfg.max_batch):
             msg = self._decode(parts)
             if msg is not None:
                 out.append((msg, time.monotonic_ns()))
-            timeout = max(0, int((deadline - time.monotonic()) * 1000))
         return out
 
-    # -- one micro-batch -----------------------------------------------------------------------
-    def process(self, batch: list[tuple[Message, int]]) -> None:
-        if not batch:
-            return
+    # -- the three stages ----------------------------------------------------------------------
+    def prepare(self, msg: Message, t_recv: int) -> Prepared | None:
+        """Fit a decoded frame to the bundle's input; a frame that cannot be fitted (smaller
+        than the crop) is counted as ``malformed`` and dropped."""
         t0 = time.perf_counter()
-        size = (self.bundle.image.height, self.bundle.image.width)
-        frames = [fit_image(msg.arrays[0], size, self.bundle.image.fit) for msg, _ in batch]
-        t1 = time.perf_counter()
-        out = self.engine.infer(np.stack(frames))
-        t2 = time.perf_counter()
+        try:
+            frame = fit_image(msg.arrays[0], self.input_size, self.bundle.image.fit)
+        except ValueError as exc:
+            if msg.camera not in self._warned_unfit:
+                log.warning("camera %s: %s (frames dropped as malformed)", msg.camera, exc)
+                self._warned_unfit.add(msg.camera)
+            self.metrics.drop(msg.camera, "malformed")
+            return None
+        return Prepared(msg, t_recv, frame, time.perf_counter() - t0)
+
+    def infer(self, batch: list[Prepared]) -> tuple[dict, float]:
+        """One engine call for the micro-batch; returns the outputs and seconds per frame."""
+        t0 = time.perf_counter()
+        out = self.engine.infer(np.stack([p.frame for p in batch]))
+        return out, (time.perf_counter() - t0) / len(batch)
+
+    def publish(self, batch: list[Prepared], out: dict, infer_s: float) -> None:
+        """Postprocess, publish ``result.<camera>``, observe metrics, submit captures."""
         threshold = self.bundle.threshold
-        results = []
-        for i in range(len(batch)):
+        for i, item in enumerate(batch):
+            t0 = time.perf_counter()
             amap = out["anomaly_map"][i]
             if self.cfg.heatmap_size:
                 amap = cv2.resize(amap, self.cfg.heatmap_size[::-1], interpolation=cv2.INTER_AREA)
+            heat = amap.astype(np.float16)
             score = float(out["image_score"][i])
-            results.append((score, threshold is not None and score > threshold, amap.astype(np.float16)))
-        t3 = time.perf_counter()
-        per_frame = {"preprocess": (t1 - t0) / len(batch), "infer": (t2 - t1) / len(batch),
-                     "postprocess": (t3 - t2) / len(batch)}
-        for (msg, t_recv), (score, label, heat), frame in zip(batch, results, frames, strict=True):
-            cam = msg.camera
-            transport = max(0.0, (t_recv - msg.t_capture_ns) / 1e9)
+            label = threshold is not None and score > threshold
+            t1 = time.perf_counter()
+            msg, cam = item.msg, item.msg.camera
+            stages = {"transport": max(0.0, (item.t_recv - msg.t_capture_ns) / 1e9),
+                      "preprocess": item.preprocess_s, "infer": infer_s, "postprocess": t1 - t0}
             header = {"score": score, "label": int(label), "threshold": threshold,
-                      "model": self.cfg.model_name, "stages": {"transport": transport, **per_frame}}
-            tp = time.perf_counter()
+                      "model": self.cfg.model_name, "stages": stages}
             try:
                 self.sender.send(encode("result", cam, msg.seq, msg.t_capture_ns, [heat], **header))
             except TimeoutError as exc:  # an every_part results consumer stalled: keep serving
                 log.warning("result of %s seq %d not delivered: %s", cam, msg.seq, exc)
-            publish = time.perf_counter() - tp
             series = self.metrics.camera(cam, self.cfg.model_name)
-            series.stages["transport"].observe(transport)
-            for stage, secs in per_frame.items():
+            for stage, secs in stages.items():
                 series.stages[stage].observe(secs)
-            series.stages["publish"].observe(publish)
+            series.stages["publish"].observe(time.perf_counter() - t1)
             series.e2e.observe((time.monotonic_ns() - msg.t_capture_ns) / 1e9)
             series.inferred.inc()
             series.score.observe(calibrated_score(score, threshold))
             if label:
                 series.anomalies.inc()
                 if self.cfg.captures is not None:  # PNG encoding happens on the writer thread
-                    self.cfg.captures.submit(cam, msg.seq, frame, heat,
+                    self.cfg.captures.submit(cam, msg.seq, item.frame, heat,
                                              {"camera": cam, "seq": msg.seq,
                                               "t_capture_ns": msg.t_capture_ns, **header})
-        self.frames_done += len(batch)
+            self.frames_done += 1
 
     def update_camera_up(self) -> None:
         now = time.monotonic()
-        for cam, seen in self.last_seen.items():
+        for cam, seen in list(self.last_seen.items()):
             self.metrics.camera(cam, self.cfg.model_name).up.set(int(now - seen < self.cfg.camera_timeout_s))
 
+    # -- threads -------------------------------------------------------------------------------
+    def _intake_loop(self, done: threading.Event) -> None:
+        while not done.is_set():
+            for msg, t_recv in self.receive():
+                item = self.prepare(msg, t_recv)
+                if item is None:
+                    continue
+                replaced = self.handoff.put(msg.camera, item, done.is_set)
+                if replaced is not None and self.handoff.latest_wins:
+                    self.metrics.drop(msg.camera, "stale")
+            self.update_camera_up()
+
+    def _publish_loop(self, done: threading.Event) -> None:
+        while True:
+            try:
+                job = self.to_publish.get(timeout=0.1)
+            except queue.Empty:
+                if done.is_set():
+                    return
+                continue
+            self.publish(*job)
+
+    def _guarded(self, body, done: threading.Event, errors: list) -> None:
+        """Run a stage thread; its failure stops the whole pipeline and is re-raised by run()."""
+        try:
+            body(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to run() to re-raise
+            errors.append(exc)
+            done.set()
+
     def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set: intake, inference (this thread) and publishing overlap.
+
+        On stop, batches already inferred are published and captures flushed; frames still
+        waiting in the hand-over are left unscored (at most ``max_batch``, or one per camera).
+        """
         if not self.warm:
             self.warmup()
+        done, errors = threading.Event(), []
+        threads = [threading.Thread(target=self._guarded, args=(body, done, errors), name=name,
+                                    daemon=True)
+                   for name, body in (("pipeline-intake", self._intake_loop),
+                                      ("pipeline-publish", self._publish_loop))]
+        for t in threads:
+            t.start()
+        live = self.cfg.frames.mode == "live"
         try:
-            while not stop.is_set():
-                frames = self.receive()
-                for start in range(0, len(frames), self.cfg.max_batch):  # more cameras than max_batch
-                    self.process(frames[start:start + self.cfg.max_batch])
-                self.update_camera_up()
+            while not stop.is_set() and not done.is_set():
+                batch = self.handoff.take(self.cfg.max_batch, 0.0 if live else self.cfg.max_wait_ms / 1000,
+                                          timeout_s=0.1)
+                if batch:
+                    job = (batch, *self.infer(batch))
+                    while not done.is_set():  # the publisher may have failed: do not block on it
+                        try:
+                            self.to_publish.put(job, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+        except BaseException as exc:
+            errors.append(exc)
         finally:
+            done.set()
+            for t in threads:
+                t.join()
             if self.cfg.captures is not None:
                 self.cfg.captures.flush()
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         self.receiver.close()

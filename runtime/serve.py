@@ -160,6 +160,7 @@ class Runtime:
         self.processes: dict[str, mp.Process] = {}
         self.pipeline = None
         self.health = None
+        self.error: BaseException | None = None  # why the pipeline thread ended, if it failed
 
     def start_source(self, cam: dict):
         proc = self.mp.Process(target=source_process, name=f"source-{cam['id']}", daemon=True,
@@ -194,10 +195,21 @@ class Runtime:
                                  "choose another http.port (0 picks a free one)") from None
         for cam in self.cfg.cameras:
             self.start_source(cam)
-        self.thread = threading.Thread(target=self.pipeline.run, args=(self.stop,), name="pipeline",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.thread.start()
         return self
+
+    def _run_pipeline(self) -> None:
+        try:
+            self.pipeline.run(self.stop)
+        except BaseException as exc:  # noqa: BLE001 - reported by check()
+            log.exception("the pipeline failed")
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise if the pipeline has failed (a dead pipeline must not look like a quiet one)."""
+        if self.error is not None:
+            raise RuntimeError(f"the pipeline stopped: {type(self.error).__name__}: {self.error}")
 
     def sources_done(self) -> bool:
         return all(not p.is_alive() for p in self.processes.values())
@@ -236,11 +248,12 @@ def run(args: argparse.Namespace) -> int:
           + (f"; metrics on http://{cfg.http.get('host', '127.0.0.1')}:{port}/metrics" if port else ""),
           flush=True)
     try:
-        while not stopping.is_set() and not runtime.sources_done():
+        while not stopping.is_set() and not runtime.sources_done() and runtime.error is None:
             stopping.wait(0.2)
     except KeyboardInterrupt:
         pass
     finally:
         runtime.shutdown()
     print(f"stopped after {runtime.pipeline.frames_done} frames")
+    runtime.check()  # a failed pipeline exits non-zero with its reason
     return 0

@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             parts = results.recv(200)
             now = time.monotonic()
             if parts is None:
+                runtime.check()
                 if runtime.sources_done() and now - idle_since > 2.0:
                     break
                 continue

@@ -59,6 +59,7 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
         if seq == 2:  # garbage in the middle of the stream
             tx.send([b"frame.cam0", b"{not json"])
             tx.send([b"\x00\x01"])
+            tx.send(encode("frame", "tiny", 0, time.monotonic_ns(), [frame[:100, :100]]))  # < crop
     got = {}
     while len(got) < 6:
         parts = results.recv(5000)
@@ -75,6 +76,7 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
         assert msg.header["label"] == int(msg.header["score"] > bundle.threshold)
     assert _value(metrics, "edge_inspect_frames_inferred_total", camera="cam0", model="textile") == 6
     assert _value(metrics, "edge_inspect_frames_dropped_total", camera="unknown", reason="malformed") == 2
+    assert _value(metrics, "edge_inspect_frames_dropped_total", camera="tiny", reason="malformed") == 1
     assert _value(metrics, "edge_inspect_camera_up", camera="cam0") == 1
     assert pipe.ready()["engine_warm"] and pipe.ready()["camera_cam0_fresh"]
     n_anomalous = sum(m.header["label"] for m in got.values())
@@ -105,3 +107,58 @@ def test_live_mode_drops_old_frames_and_counts_them(bundles, tmp_path, ctx):
     assert received + _value(metrics, "edge_inspect_frames_dropped_total", camera="cam0",
                              reason="hwm") >= inferred
     pipe.close(), tx.close()
+
+
+class _LostDevice:
+    """A real engine whose device goes away after warm-up (as a GPU reset would)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def warmup(self):
+        self.engine.warmup()
+
+    def infer(self, batch):
+        raise RuntimeError("device lost")
+
+
+def test_an_engine_failure_ends_run_with_the_error_and_stops_every_stage(bundles, tmp_path, ctx):
+    bundle = load_bundle(bundles["memory"])
+    cfg = PipelineConfig(TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part"),
+                         TransportConfig(f"ipc://{tmp_path}/results", mode="live"), max_batch=1)
+    pipe = Pipeline(bundle, _LostDevice(open_engine(bundle)), cfg, RuntimeMetrics(), ctx)
+    errors = []
+
+    def serve():
+        try:
+            pipe.run(threading.Event())  # never set: only the failure can end it
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    tx = Sender(TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part"), ctx)
+    tx.send(encode("frame", "cam0", 0, time.monotonic_ns(), [np.zeros((250, 250, 3), np.uint8)]))
+    thread.join(5)
+    assert not thread.is_alive() and "device lost" in str(errors[0])
+    assert not [t for t in threading.enumerate() if t.name.startswith("pipeline-")]
+    pipe.close(), tx.close()
+
+
+def test_runtime_reports_a_failed_pipeline(bundles, tmp_path):
+    from runtime.serve import Runtime, RuntimeConfig
+
+    cfg = RuntimeConfig(bundle=str(bundles["memory"]), mode="every_part", endpoint_dir=str(tmp_path),
+                        cameras=[{"id": "cam0", "source": "synthetic", "size": [250, 250],
+                                  "fps": 20, "count": 20}], http={"port": None})
+    runtime = Runtime(cfg).start()
+    try:
+        runtime.pipeline.engine = _LostDevice(runtime.pipeline.engine)  # before the camera's first frame
+        runtime.check()  # healthy so far
+        deadline = time.monotonic() + 15
+        while runtime.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="pipeline stopped: RuntimeError: device lost"):
+            runtime.check()
+    finally:
+        runtime.shutdown()
