@@ -240,8 +240,8 @@ class Pipeline:
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set: intake, inference (this thread) and publishing overlap.
 
-        On stop, batches already inferred are published and captures flushed; frames still
-        waiting in the hand-over are left unscored (at most ``max_batch``, or one per camera).
+        On stop, batches already inferred are published and captures flushed; frames received
+        but not yet inferred (at most ``max_batch`` + 1, or one per camera) are left unscored.
         """
         if not self.warm:
             self.warmup()
