@@ -37,7 +37,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("folder", "capture", "synthetic")
-START_DELAY_S = 0.3  # PUB/SUB "slow joiner": a live source waits this long after binding
+SUBSCRIBER_LOG_S = 5.0  # a live source waiting this long for its subscriber says so
 TOP_KEYS = ("bundle", "backend", "backend_options", "mode", "endpoint_dir", "frames", "results",
             "cameras", "pipeline", "captures", "http", "model_name")
 
@@ -117,9 +117,14 @@ def source_process(cam: dict, endpoint: str, mode: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
     sender = Sender(TransportConfig(endpoint, mode=mode, send_timeout_ms=1000))
-    if mode == "live" and stop.wait(START_DELAY_S):  # let subscribers join before frame 0
-        sender.close()
-        return
+    t0, logged = time.monotonic(), False
+    while not sender.wait_for_subscriber(100):  # live: frame 0 only once the pipeline listens
+        if stop.is_set():
+            sender.close(linger_ms=0)
+            return
+        if not logged and time.monotonic() - t0 > SUBSCRIBER_LOG_S:
+            log.warning("camera %s: no subscriber on %s yet; waiting", cam["id"], endpoint)
+            logged = True
     try:
         publish(make_source(cam, stop), sender, cam["id"], stop)
     except TimeoutError:

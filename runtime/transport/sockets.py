@@ -1,6 +1,7 @@
 """ZeroMQ sockets for the two delivery modes, with every option set explicitly.
 
-* ``live`` -- latest frame wins: PUB (sender, binds) / SUB (receiver, connects) with tiny
+* ``live`` -- latest frame wins: PUB (sender, binds; an XPUB, so it can wait for its first
+  subscriber, :meth:`Sender.wait_for_subscriber`) / SUB (receiver, connects) with tiny
   high-water marks;
   the receiver drains its queue without blocking and keeps only the newest message per
   camera (:meth:`Receiver.drain`), counting what it skipped as drops
@@ -132,8 +133,23 @@ class Sender:
     def __init__(self, cfg: TransportConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
-        kind = zmq.PUB if cfg.mode == "live" else zmq.PUSH
+        kind = zmq.XPUB if cfg.mode == "live" else zmq.PUSH
         self.socket = _socket(self.ctx, kind, cfg, bind=not cfg.receiver_binds)
+
+    def wait_for_subscriber(self, timeout_ms: int) -> bool:
+        """live: True once a subscriber's subscription has arrived, False after the timeout.
+
+        ZeroMQ's "slow joiner": a PUB silently drops what it sends before a subscription
+        reaches it, so a source waits here before its first frame (a guess like "sleep
+        0.3 s" loses frames on a loaded machine). every_part: always True (PUSH with
+        ``IMMEDIATE`` holds messages until a peer is connected).
+        """
+        if self.cfg.mode != "live":
+            return True
+        if self.socket.poll(timeout_ms, zmq.POLLIN):
+            self.socket.recv(zmq.NOBLOCK)  # b"\x01" + topic prefix
+            return True
+        return False
 
     def send(self, parts: list) -> bool:
         """True when queued; False when live mode dropped it. every_part raises on timeout."""

@@ -91,3 +91,18 @@ def test_config_errors():
         TransportConfig("ipc:///tmp/x", mode="fast")
     with pytest.raises(ValueError, match="endpoint"):
         TransportConfig("http://localhost:1")
+
+
+def test_live_sender_waits_for_its_first_subscriber_and_then_loses_nothing(ctx, tmp_path):
+    cfg = TransportConfig(f"ipc://{tmp_path}/live", mode="live", hwm=100)
+    tx = Sender(cfg, ctx)
+    t0 = time.monotonic()
+    assert not tx.wait_for_subscriber(200)  # nobody listens yet
+    assert time.monotonic() - t0 >= 0.15
+    rx = Receiver(cfg, ctx)
+    assert tx.wait_for_subscriber(5000)
+    for seq in range(20):  # sent right away: no "slow joiner" sleep
+        tx.send(_frame(seq))
+    got = [decode(p).seq for p in iter(lambda: rx.recv(1000), None)]
+    assert got == list(range(20))
+    assert Sender(TransportConfig(f"ipc://{tmp_path}/ep", mode="every_part"), ctx).wait_for_subscriber(0)
