@@ -89,6 +89,32 @@ class RuntimeConfig:
         return self.results or f"ipc://{self.endpoint_dir}/results"
 
 
+SOURCE_OPTIONS = {
+    "folder": ("path", "images", "fps", "loop"),
+    "capture": ("uri", "fps", "loop", "stall_s", "backoff_s", "backoff_max_s", "max_reconnects"),
+    "synthetic": ("size", "fps", "count", "variants"),
+}
+REQUIRED_OPTIONS = {"folder": ("path", "images"), "capture": ("uri",), "synthetic": ()}
+
+
+def check_source(cam: dict) -> None:
+    """Build a camera's source once here, so a misspelt option or a missing folder or file
+    stops ``serve`` at start with a message naming the camera, instead of killing that
+    camera's process later."""
+    kind, opts = cam["source"], set(cam) - {"id", "source"}
+    unknown = opts - set(SOURCE_OPTIONS[kind])
+    if unknown:
+        raise ValueError(f"camera {cam['id']}: unknown {kind} options {sorted(unknown)}; "
+                         f"allowed: {list(SOURCE_OPTIONS[kind])}")
+    need = REQUIRED_OPTIONS[kind]
+    if need and not opts & set(need):
+        raise ValueError(f"camera {cam['id']}: a {kind} source needs {' or '.join(need)}")
+    try:
+        make_source(cam, threading.Event())
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"camera {cam['id']}: {exc}") from None
+
+
 def make_source(cam: dict, stop):
     from runtime.sources import CaptureSource, FolderSource, SyntheticSource
 
@@ -147,6 +173,8 @@ class Runtime:
         from runtime.transport.sockets import TransportConfig
 
         self.cfg = cfg
+        for cam in cfg.cameras:
+            check_source(cam)
         Path(cfg.endpoint_dir).mkdir(parents=True, exist_ok=True)
         self.bundle = load_bundle(cfg.bundle)
         self.metrics = RuntimeMetrics()

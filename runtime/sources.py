@@ -50,14 +50,16 @@ class FolderSource:
 
     def __init__(self, images: str | Path | list[Path], fps: float | None = 10.0, loop: bool = False,
                  stop: threading.Event | None = None) -> None:
+        where = "the image list"
         if isinstance(images, str | Path):
-            folder = Path(images)
+            folder = where = Path(images)
             if not folder.is_dir():
-                raise FileNotFoundError(f"image folder {folder} not found")
+                raise FileNotFoundError(f"image folder {folder} not found; put the images to replay "
+                                        "there or fix the camera's path")
             images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         self.files = [Path(p) for p in images]
         if not self.files:
-            raise ValueError("no images to replay")
+            raise ValueError(f"no images to replay in {where} (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.fps, self.loop = fps, loop
         self.stop = stop or threading.Event()
 

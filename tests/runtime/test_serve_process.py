@@ -111,3 +111,35 @@ def test_runtime_config_errors():
         RuntimeConfig.from_dict({"bundle": "b", "cameras": [{"id": "a", "source": "webcam"}]})
     with pytest.raises(ValueError, match="unknown keys"):
         RuntimeConfig.from_dict({"bundle": "b", "cameras": [], "gpu": 1})
+
+
+def test_camera_options_are_checked_before_anything_starts(tmp_path, capsys):
+    import pytest
+    import yaml
+
+    from runtime.cli import main
+    from runtime.serve import SOURCE_OPTIONS, check_source
+
+    with pytest.raises(ValueError, match=r"camera a: unknown synthetic options \['fsp'\]"):
+        check_source({"id": "a", "source": "synthetic", "fsp": 5})
+    with pytest.raises(ValueError, match="camera a: a capture source needs uri"):
+        check_source({"id": "a", "source": "capture", "fps": 5})
+    with pytest.raises(FileNotFoundError, match="camera a: image folder .*missing not found"):
+        check_source({"id": "a", "source": "folder", "path": str(tmp_path / "missing")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="camera a: no images to replay in .*empty"):
+        check_source({"id": "a", "source": "folder", "path": str(tmp_path / "empty")})
+    with pytest.raises(FileNotFoundError, match="camera a: video file"):
+        check_source({"id": "a", "source": "capture", "uri": str(tmp_path / "line.mp4")})
+    check_source({"id": "a", "source": "synthetic", "size": [8, 8], "fps": 5})  # fine
+
+    for path in sorted((REPO / "configs" / "runtime").glob("*.yaml")):  # shipped profiles: known keys
+        for cam in yaml.safe_load(path.read_text())["cameras"]:
+            assert set(cam) - {"id", "source"} <= set(SOURCE_OPTIONS[cam["source"]]), (path, cam)
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"bundle": "nowhere", "endpoint_dir": str(tmp_path / "ep"),
+                                       "cameras": [{"id": "line1", "source": "folder",
+                                                    "path": str(tmp_path / "replay")}]}))
+    assert main(["serve", "--config", str(profile)]) == 2
+    assert "camera line1: image folder" in capsys.readouterr().err
