@@ -142,7 +142,7 @@ def source_process(cam: dict, endpoint: str, mode: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
-    sender = Sender(TransportConfig(endpoint, mode=mode, send_timeout_ms=1000))
+    sender = Sender(TransportConfig(endpoint, mode=mode, send_timeout_ms=1000), await_subscribers=True)
     t0, logged = time.monotonic(), False
     while not sender.wait_for_subscriber(100):  # live: frame 0 only once the pipeline listens
         if stop.is_set():

@@ -1,8 +1,8 @@
 """ZeroMQ sockets for the two delivery modes, with every option set explicitly.
 
-* ``live`` -- latest frame wins: PUB (sender, binds; an XPUB, so it can wait for its first
-  subscriber, :meth:`Sender.wait_for_subscriber`) / SUB (receiver, connects) with tiny
-  high-water marks;
+* ``live`` -- latest frame wins: PUB (sender, binds; an XPUB for a camera, so it can wait
+  for its first subscriber, :meth:`Sender.wait_for_subscriber`) / SUB (receiver, connects)
+  with tiny high-water marks;
   the receiver drains its queue without blocking and keeps only the newest message per
   camera (:meth:`Receiver.drain`), counting what it skipped as drops
   (``reason="stale"``); ZeroMQ's own HWM drops show up as ``seq`` gaps (``reason="hwm"``).
@@ -130,10 +130,17 @@ def _socket(ctx: zmq.Context, kind: int, cfg: TransportConfig, bind: bool) -> zm
 class Sender:
     """Sends multipart messages; in live mode a full queue drops (counted by the receiver)."""
 
-    def __init__(self, cfg: TransportConfig, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: TransportConfig, ctx: zmq.Context | None = None,
+                 await_subscribers: bool = False) -> None:
+        """``await_subscribers`` (live): an XPUB, for :meth:`wait_for_subscriber`; without it
+        a plain PUB, which keeps no subscription notices for nobody to read."""
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
-        kind = zmq.XPUB if cfg.mode == "live" else zmq.PUSH
+        self.await_subscribers = await_subscribers
+        if cfg.mode == "live":
+            kind = zmq.XPUB if await_subscribers else zmq.PUB
+        else:
+            kind = zmq.PUSH
         self.socket = _socket(self.ctx, kind, cfg, bind=not cfg.receiver_binds)
 
     def wait_for_subscriber(self, timeout_ms: int) -> bool:
@@ -146,6 +153,8 @@ class Sender:
         """
         if self.cfg.mode != "live":
             return True
+        if not self.await_subscribers:
+            raise ValueError("wait_for_subscriber needs a Sender made with await_subscribers=True")
         if self.socket.poll(timeout_ms, zmq.POLLIN):
             self.socket.recv(zmq.NOBLOCK)  # b"\x01" + topic prefix
             return True

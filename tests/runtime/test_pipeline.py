@@ -89,7 +89,8 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
 
 
 def test_live_mode_drops_old_frames_and_counts_them(bundles, tmp_path, ctx):
-    tx = Sender(TransportConfig(f"ipc://{tmp_path}/frames", mode="live", hwm=1000), ctx)
+    tx = Sender(TransportConfig(f"ipc://{tmp_path}/frames", mode="live", hwm=1000), ctx,
+                await_subscribers=True)
     bundle, pipe, metrics, stop, thread = _start(bundles["memory"], tmp_path, ctx, "live")
     assert tx.wait_for_subscriber(5000)
     frame = np.zeros((250, 250, 3), np.uint8)

@@ -95,7 +95,7 @@ def test_config_errors():
 
 def test_live_sender_waits_for_its_first_subscriber_and_then_loses_nothing(ctx, tmp_path):
     cfg = TransportConfig(f"ipc://{tmp_path}/live", mode="live", hwm=100)
-    tx = Sender(cfg, ctx)
+    tx = Sender(cfg, ctx, await_subscribers=True)
     t0 = time.monotonic()
     assert not tx.wait_for_subscriber(200)  # nobody listens yet
     assert time.monotonic() - t0 >= 0.15
@@ -106,3 +106,5 @@ def test_live_sender_waits_for_its_first_subscriber_and_then_loses_nothing(ctx, 
     got = [decode(p).seq for p in iter(lambda: rx.recv(1000), None)]
     assert got == list(range(20))
     assert Sender(TransportConfig(f"ipc://{tmp_path}/ep", mode="every_part"), ctx).wait_for_subscriber(0)
+    with pytest.raises(ValueError, match="await_subscribers"):
+        Sender(TransportConfig(f"ipc://{tmp_path}/plain", mode="live"), ctx).wait_for_subscriber(0)
