@@ -60,6 +60,8 @@ class RuntimeMetrics:
                                 "received", ["camera"], registry=r)
         self.camera_up = Gauge(p + "camera_up", "1 while the camera delivers frames", ["camera"],
                                registry=r)
+        self.source_restarts = Counter(p + "source_restarts", "Camera processes restarted after "
+                                       "a crash", ["camera"], registry=r)
         self._cameras: dict[tuple[str, str], CameraSeries] = {}
         self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
                                 ["model", "backend", "precision"], registry=r)

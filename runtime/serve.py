@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from runtime.supervisor import SourceSupervisor
+
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("folder", "capture", "synthetic")
 SUBSCRIBER_LOG_S = 5.0  # a live source waiting this long for its subscriber says so
@@ -190,16 +192,20 @@ class Runtime:
             captures=captures, expected_cameras=[c["id"] for c in cfg.cameras], **p)
         self.stop = threading.Event()
         self.mp = mp.get_context("spawn")
-        self.processes: dict[str, mp.Process] = {}
+        self.supervisor = SourceSupervisor(self._spawn_source, cfg.cameras, self.metrics.source_restarts)
         self.pipeline = None
         self.health = None
         self.error: BaseException | None = None  # why the pipeline thread ended, if it failed
 
-    def start_source(self, cam: dict):
+    @property
+    def processes(self) -> dict[str, mp.Process]:
+        """The current process of every camera (a restarted camera has a new one)."""
+        return self.supervisor.processes
+
+    def _spawn_source(self, cam: dict) -> mp.Process:
         proc = self.mp.Process(target=source_process, name=f"source-{cam['id']}", daemon=True,
                                args=(cam, self.cfg.frames_endpoint(cam["id"]), self.cfg.mode))
         proc.start()
-        self.processes[cam["id"]] = proc
         return proc
 
     def start(self) -> Runtime:
@@ -226,8 +232,10 @@ class Runtime:
                 self.pipeline.close()
                 raise ValueError(f"cannot serve /metrics on {host}:{http['port']} ({exc}); "
                                  "choose another http.port (0 picks a free one)") from None
-        for cam in self.cfg.cameras:
-            self.start_source(cam)
+        self.supervisor.start_all()
+        self.supervisor_thread = threading.Thread(target=self.supervisor.run, args=(self.stop,),
+                                                  name="source-supervisor", daemon=True)
+        self.supervisor_thread.start()
         self.thread = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.thread.start()
         return self
@@ -245,10 +253,14 @@ class Runtime:
             raise RuntimeError(f"the pipeline stopped: {type(self.error).__name__}: {self.error}")
 
     def sources_done(self) -> bool:
-        return all(not p.is_alive() for p in self.processes.values())
+        """Every camera ended cleanly (a crashed one is restarted, so it is not done)."""
+        return all(not p.is_alive() and p.exitcode == 0 for p in self.processes.values())
 
     def shutdown(self, grace_s: float = 1.5) -> None:
         self.stop.set()
+        self.supervisor.stop()  # no restart from here on
+        if getattr(self, "supervisor_thread", None) is not None:
+            self.supervisor_thread.join(1)
         for proc in self.processes.values():
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: the source stops at its next frame

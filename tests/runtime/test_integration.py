@@ -105,20 +105,23 @@ def test_malformed_messages_are_counted_and_serving_goes_on(bundles, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["live", "every_part"])
-def test_killed_source_goes_down_and_comes_back(bundles, tmp_path, mode):
+def test_killed_source_goes_down_and_is_restarted(bundles, tmp_path, mode):
     cam = {"id": "cam0", "source": "synthetic", "size": [250, 250], "fps": 20}
     rt = _runtime(bundles["memory"], tmp_path, mode, [cam])
     up = lambda: _value(rt, "edge_inspect_camera_up", camera="cam0")  # noqa: E731
     inferred = lambda: _value(rt, "edge_inspect_frames_inferred_total", camera="cam0", model="m")  # noqa: E731
+    rt.supervisor.backoff_s = 2.0  # the restart comes well after camera_timeout_s (1 s)
     try:
         _wait(lambda: up() == 1 and inferred() > 3)
-        os.kill(rt.processes["cam0"].pid, signal.SIGKILL)
+        killed = rt.processes["cam0"]
+        os.kill(killed.pid, signal.SIGKILL)
         _wait(lambda: up() == 0, timeout=5)
-        assert not rt.pipeline.ready()["camera_cam0_fresh"]
+        assert not rt.pipeline.ready()["camera_cam0_fresh"] and not rt.sources_done()
         before = inferred()
-        rt.start_source(cam)
+        # the supervisor restarts the crashed camera process by itself
         _wait(lambda: up() == 1 and inferred() > before + 3)
-        assert rt.pipeline.ready()["camera_cam0_fresh"]
+        assert rt.processes["cam0"] is not killed and rt.pipeline.ready()["camera_cam0_fresh"]
+        assert _value(rt, "edge_inspect_source_restarts_total", camera="cam0") == 1
     finally:
         rt.shutdown()
 
