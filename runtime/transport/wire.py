@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,7 +109,7 @@ def decode(parts: list) -> Message:
             raise MalformedMessage("bad part spec") from None
         if dtype is None:
             raise MalformedMessage("unknown dtype")
-        if any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(buf):
+        if any(s < 0 for s in shape) or math.prod(shape) * dtype.itemsize != len(buf):
             raise MalformedMessage("payload size does not match shape")
         arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
     return Message(kind, camera, seq, t_ns, header, arrays)
