@@ -209,6 +209,7 @@ class Pipeline:
 
     # -- threads -------------------------------------------------------------------------------
     def _intake_loop(self, done: threading.Event) -> None:
+        next_up_check = 0.0
         while not done.is_set():
             for msg, t_recv in self.receive():
                 item = self.prepare(msg, t_recv)
@@ -217,7 +218,9 @@ class Pipeline:
                 replaced = self.handoff.put(msg.camera, item, done.is_set)
                 if replaced is not None and self.handoff.latest_wins:
                     self.metrics.drop(msg.camera, "stale")
-            self.update_camera_up()
+            if time.monotonic() >= next_up_check:  # a frame sets its camera up; this finds silent ones
+                self.update_camera_up()
+                next_up_check = time.monotonic() + 0.1
 
     def _publish_loop(self, done: threading.Event) -> None:
         while True:
