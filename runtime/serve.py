@@ -25,6 +25,7 @@ Profile YAML::
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import multiprocessing as mp
 import signal
@@ -91,12 +92,20 @@ class RuntimeConfig:
         return self.results or f"ipc://{self.endpoint_dir}/results"
 
 
-SOURCE_OPTIONS = {
-    "folder": ("path", "images", "fps", "loop"),
-    "capture": ("uri", "fps", "loop", "stall_s", "backoff_s", "backoff_max_s", "max_reconnects"),
-    "synthetic": ("size", "fps", "count", "variants"),
-}
-REQUIRED_OPTIONS = {"folder": ("path", "images"), "capture": ("uri",), "synthetic": ()}
+def _source_class(kind: str):
+    from runtime.sources import CaptureSource, FolderSource, SyntheticSource
+
+    return {"folder": FolderSource, "capture": CaptureSource, "synthetic": SyntheticSource}[kind]
+
+
+def source_options(kind: str) -> tuple[str, ...]:
+    """A source kind's camera options: its constructor's parameters (``path`` is the folder
+    source's name for ``images`` given as a folder)."""
+    names = tuple(n for n in inspect.signature(_source_class(kind)).parameters if n != "stop")
+    return names + ("path",) if kind == "folder" else names
+
+
+SOURCE_OPTIONS = {kind: source_options(kind) for kind in SOURCE_KINDS}
 
 
 def check_source(cam: dict) -> None:
@@ -108,9 +117,10 @@ def check_source(cam: dict) -> None:
     if unknown:
         raise ValueError(f"camera {cam['id']}: unknown {kind} options {sorted(unknown)}; "
                          f"allowed: {list(SOURCE_OPTIONS[kind])}")
-    need = REQUIRED_OPTIONS[kind]
-    if need and not opts & set(need):
-        raise ValueError(f"camera {cam['id']}: a {kind} source needs {' or '.join(need)}")
+    if kind == "folder" and len(opts & {"path", "images"}) != 1:
+        raise ValueError(f"camera {cam['id']}: a folder source needs path or images (one of them)")
+    if kind == "capture" and "uri" not in opts:
+        raise ValueError(f"camera {cam['id']}: a capture source needs uri")
     try:
         make_source(cam, threading.Event())
     except (ValueError, FileNotFoundError) as exc:
@@ -118,17 +128,12 @@ def check_source(cam: dict) -> None:
 
 
 def make_source(cam: dict, stop):
-    from runtime.sources import CaptureSource, FolderSource, SyntheticSource
-
     opts = {k: v for k, v in cam.items() if k not in ("id", "source")}
-    if cam["source"] == "folder":
-        images = opts.pop("images", None) or opts.pop("path")
-        return FolderSource(images, stop=stop, **opts)
-    if cam["source"] == "capture":
-        return CaptureSource(opts.pop("uri"), stop=stop, **opts)
+    if cam["source"] == "folder" and "path" in opts:
+        opts["images"] = opts.pop("path")
     if "size" in opts:
         opts["size"] = tuple(opts["size"])
-    return SyntheticSource(stop=stop, **opts)
+    return _source_class(cam["source"])(stop=stop, **opts)
 
 
 def source_process(cam: dict, endpoint: str, mode: str) -> None:
