@@ -249,7 +249,7 @@ def main() -> None:
              f"quartiles {np.percentile(ratios, 25):.3f} / {np.percentile(ratios, 75):.3f}).", "",
              f"Per frame (means over the blocks): bare engine call {per_frame_ms['bare_engine']:.2f} ms; "
              f"in the pipeline, the engine call {per_frame_ms['pipeline_engine_call']:.2f} ms "
-             f"(stacking the batch included), the whole frame {per_frame_ms['pipeline_frame']:.2f} ms.", "",
+             f"the whole frame {per_frame_ms['pipeline_frame']:.2f} ms.", "",
              "| 1920x1080x3 uint8 frame | p50 one-way latency / numpy copy | throughput / numpy copy |",
              "|---|---|---|"]
     for name in ("ipc", "tcp"):

@@ -10,7 +10,9 @@ happens while the engine scores another; the engine releases the GIL):
    (:mod:`runtime.handoff`).
 2. **infer** (the thread that calls :meth:`Pipeline.run`): takes up to ``max_batch``
    frames (``every_part`` waits at most ``max_wait_ms`` for the batch to fill; ``live``
-   takes what is there), one engine call per micro-batch.
+   takes what is there), one engine call per micro-batch. Between engine calls this thread
+   runs only a few lines of Python and nothing that releases the GIL, so it gets straight
+   back into the engine (which releases it) instead of queueing behind the other stages.
 3. **publish**: postprocess (label = score > threshold; heatmap downsampled to
    ``heatmap_size``), ``result.<camera>`` with a JSON header (score, label, threshold,
    model, seq, capture time, per-stage seconds) and the heatmap as float16 payload, metrics;
@@ -151,7 +153,9 @@ class Pipeline:
         than the crop) is counted as ``malformed`` and dropped."""
         t0 = time.perf_counter()
         try:
-            frame = fit_image(msg.arrays[0], self.input_size, self.bundle.image.fit)
+            # contiguous here, on the intake thread: a copy in the inference thread would
+            # release the GIL between engine calls and let the other stages take it
+            frame = np.ascontiguousarray(fit_image(msg.arrays[0], self.input_size, self.bundle.image.fit))
         except ValueError as exc:
             if msg.camera not in self._warned_unfit:
                 log.warning("camera %s: %s (frames dropped as malformed)", msg.camera, exc)
@@ -161,9 +165,16 @@ class Pipeline:
         return Prepared(msg, t_recv, frame, time.perf_counter() - t0)
 
     def infer(self, batch: list[Prepared]) -> tuple[dict, float]:
-        """One engine call for the micro-batch; returns the outputs and seconds per frame."""
+        """One engine call for the micro-batch; returns the outputs and seconds per frame.
+
+        A single frame goes in as a view: a copy here (``np.stack``) releases the GIL just
+        before the engine call, the intake and publish threads take it, and the engine waits
+        for them (a thread trace on 2 cores showed 0.25-1.9 ms idle between engine calls with
+        the copy, ~0.1 ms without).
+        """
         t0 = time.perf_counter()
-        out = self.engine.infer(np.stack([p.frame for p in batch]))
+        images = batch[0].frame[None] if len(batch) == 1 else np.stack([p.frame for p in batch])
+        out = self.engine.infer(images)
         return out, (time.perf_counter() - t0) / len(batch)
 
     def publish(self, batch: list[Prepared], out: dict, infer_s: float) -> None:
