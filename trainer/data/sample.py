@@ -50,8 +50,6 @@ class Record:
     xyz: Path | None = None
 
 
-
-
 def list_images(folder: Path) -> list[Path]:
     """Image files in ``folder`` (not recursive), sorted."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
