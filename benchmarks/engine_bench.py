@@ -32,14 +32,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.graph import ExportGraph
-from runtime.preprocess import fit_image
-from trainer.backbones import BackboneSpec, build_clip
-from trainer.backbones.texture import TextureBackbone
-from trainer.data import TextileImages
-from trainer.data.transforms import to_batch
-from trainer.heads.afclip import AfClipConfig, AfClipHead
-from trainer.heads.memory_head import TEXTURE_MEMORY, MemoryHead
+from edge_inspect.export.graph import ExportGraph
+from edge_inspect.runtime.preprocess import fit_image
+from edge_inspect.trainer.backbones import BackboneSpec, build_clip
+from edge_inspect.trainer.backbones.texture import TextureBackbone
+from edge_inspect.trainer.data import TextileImages
+from edge_inspect.trainer.data.transforms import to_batch
+from edge_inspect.trainer.heads.afclip import AfClipConfig, AfClipHead
+from edge_inspect.trainer.heads.memory import TEXTURE_MEMORY, MemoryHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

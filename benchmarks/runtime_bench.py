@@ -34,13 +34,15 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from runtime.bundle import load_bundle
-from runtime.engines import open_engine
-from runtime.metrics import RuntimeMetrics
-from runtime.pipeline import Pipeline, PipelineConfig
-from runtime.preprocess import fit_image
-from runtime.transport.sockets import Receiver, Sender, TransportConfig
-from runtime.transport.wire import decode, encode
+from edge_inspect.runtime.bundle import load_bundle
+from edge_inspect.runtime.engines import open_engine
+from edge_inspect.runtime.metrics import RuntimeMetrics
+from edge_inspect.runtime.model_slot import ModelSlot
+from edge_inspect.runtime.pipeline import Pipeline, PipelineConfig
+from edge_inspect.runtime.preprocess import fit_image
+from edge_inspect.runtime.sinks import ResultSocketSink
+from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig
+from edge_inspect.runtime.transport.wire import decode, encode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HD = (1080, 1920, 3)
@@ -72,14 +74,17 @@ class PipelineVsEngine:
         self.bundle = load_bundle(bundle_dir)
         rng = np.random.default_rng(0)  # the burst camera's frames (same seed), fitted
         size = (self.bundle.image.height, self.bundle.image.width)
-        self.inputs = [np.ascontiguousarray(fit_image(rng.integers(0, 256, (250, 250, 3), dtype=np.uint8),
-                                                      size, self.bundle.image.fit)[None])
-                       for _ in range(16)]
-        cfg = PipelineConfig(TransportConfig(f"ipc://{tmp}/frames", mode="every_part"),
-                             TransportConfig(f"ipc://{tmp}/results", mode="live", hwm=10000),
-                             max_batch=1, heatmap_size=(64, 64), model_name="bench")
+        name = self.bundle.image.name
+        frames = [rng.integers(0, 256, (250, 250, 3), dtype=np.uint8) for _ in range(16)]
+        self.inputs = [{name: np.ascontiguousarray(fit_image(f, size, self.bundle.image.fit)[None])}
+                       for f in frames]
         self.bare = open_engine(self.bundle, threads=threads)
-        self.pipeline = Pipeline(self.bundle, self.bare, cfg, RuntimeMetrics())
+        results = Sender(TransportConfig(f"ipc://{tmp}/results", mode="live", hwm=10000))
+        self.pipeline = Pipeline(ModelSlot(self.bundle, self.bare, "bench"),
+                                 Receiver(TransportConfig(f"ipc://{tmp}/frames", mode="every_part")),
+                                 [ResultSocketSink(results)],
+                                 PipelineConfig(mode="every_part", max_batch=1, heatmap_size=(64, 64)),
+                                 RuntimeMetrics())
         self.results = Receiver(TransportConfig(f"ipc://{tmp}/results", mode="live", hwm=100000))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.pipeline.run, args=(self.stop,), daemon=True)
@@ -206,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle_dir = args.bundle or Path("bundles/textile-demo")
     if not (bundle_dir / "manifest.json").exists():
-        from trainer.demo import build_bundle
+        from edge_inspect.export.demo import build_bundle
 
         build_bundle(bundle_dir, 4, 0)
     with tempfile.TemporaryDirectory() as tmp:

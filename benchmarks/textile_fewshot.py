@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.backbones.texture import TextureBackbone
-from trainer.data import TextileImages
-from trainer.data.transforms import to_batch
-from trainer.heads.memory_head import TEXTURE_MEMORY, MemoryHead
-from trainer.metrics import auroc
+from edge_inspect.trainer.backbones.texture import TextureBackbone
+from edge_inspect.trainer.data import TextileImages
+from edge_inspect.trainer.data.transforms import to_batch
+from edge_inspect.trainer.heads.memory import TEXTURE_MEMORY, MemoryHead
+from edge_inspect.trainer.metrics import auroc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INPUT = 248  # 250x250 images, centre-cropped (no resampling)

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graph import ExportGraph, batch_axes
-from runtime.bundle import MANIFEST, SCHEMA_VERSION, refuse_existing, sha256_file, staged_bundle
-from trainer.checkpoint import load_checkpoint
-from trainer.config import RunConfig
-from trainer.data.sample import IMAGE_SUFFIXES, read_rgb
-from trainer.data.transforms import fit_image, to_batch
-from trainer.evaluate import load_head
+from edge_inspect.export.graph import ExportGraph, batch_axes
+from edge_inspect.runtime.bundle import MANIFEST, SCHEMA_VERSION, refuse_existing, sha256_file, staged_bundle
+from edge_inspect.trainer.checkpoint import load_checkpoint
+from edge_inspect.trainer.config import RunConfig
+from edge_inspect.trainer.data.sample import IMAGE_SUFFIXES, read_rgb
+from edge_inspect.trainer.data.transforms import fit_image, to_batch
+from edge_inspect.trainer.evaluate import load_head
+from edge_inspect.trainer.heads.registry import get_method
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -39,9 +40,10 @@ class ParityError(RuntimeError):
 
 
 OUTPUT_MEANING = {
-    "image_score": "anomaly score per image; anomalous when > threshold",
-    "anomaly_map": "per-pixel anomaly map at the input size, after the method's smoothing",
+    "score": "anomaly score per image; anomalous when > threshold",
+    "map": "per-pixel anomaly map at the input size, after the method's smoothing",
 }
+INTERPOLATION = {"resize": "bicubic", "center_crop": "none"}  # what runtime.preprocess does
 
 
 def parity_images(cfg: RunConfig, folder: Path | None, count: int) -> list[np.ndarray]:
@@ -150,31 +152,35 @@ def _parity(folder: Path, files: list[str], frames: np.ndarray, want_score: np.n
 
 def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats: dict,
               axes: dict[str, int], files: list[str], folder: Path) -> dict:
+    """Schema 2 (runtime/bundle.py): input planes, outputs with roles, state, memory recipe."""
     h, w = head.backbone.input_size
     norm = head.backbone.normalization
-    outputs = [{"name": "image_score", "shape": ["batch"], "dtype": "float32",
-                "meaning": OUTPUT_MEANING["image_score"]},
-               {"name": "anomaly_map", "shape": ["batch", h, w], "dtype": "float32",
-                "meaning": OUTPUT_MEANING["anomaly_map"]}]
+    outputs = [{"name": "image_score", "role": "score", "shape": ["batch"], "dtype": "float32",
+                "meaning": OUTPUT_MEANING["score"]},
+               {"name": "anomaly_map", "role": "map", "shape": ["batch", h, w], "dtype": "float32",
+                "meaning": OUTPUT_MEANING["map"]}]
     for k in sorted(feats):
         shape: list = list(feats[k].shape)
         shape[axes[k]] = "batch"
-        outputs.append({"name": f"feature.{k}", "shape": shape, "dtype": "float32",
+        outputs.append({"name": f"feature.{k}", "role": "feature", "shape": shape, "dtype": "float32",
                         "meaning": f"features the few-shot memory is built from ({cfg.method} enroll)"})
+    recipe = get_method(cfg.method).memory_recipe
     return {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.name,
         "method": cfg.method,
         "backbone": {k: v for k, v in cfg.to_dict()["backbone"].items()},
         "model": "model.onnx",
-        "input": {"name": "image", "height": h, "width": w, "layout": "NHWC", "dtype": "uint8",
-                  "color": "RGB", "modality": "rgb", "fit": cfg.fit_mode,
-                  "resize_interpolation": "bicubic" if cfg.fit_mode == "resize" else None,
-                  "normalization": {"mean": list(norm.mean), "std": list(norm.std),
-                                    "formula": "(x / 255 - mean) / std", "in_graph": True}},
+        "inputs": [{"name": "image", "modality": "rgb", "dtype": "uint8", "layout": "NHWC",
+                    "size": [h, w], "channels": 3, "color": "RGB", "fit": cfg.fit_mode,
+                    "interpolation": INTERPOLATION[cfg.fit_mode],
+                    "normalization": {"mean": list(norm.mean), "std": list(norm.std),
+                                      "formula": "(x / 255 - mean) / std", "in_graph": True}}],
         "outputs": outputs,
+        "state": [],
         "memory": ({"file": "memory.npz", "arrays": {k: list(v.shape) for k, v in memory.items()},
-                    "inputs": [f"memory.{k}" for k in memory]} if memory else None),
+                    "inputs": [f"memory.{k}" for k in memory],
+                    "recipe": recipe(head) if recipe else None} if memory else None),
         "shots": cfg.shots if memory else 0,
         "threshold": ckpt.calibration,
         "config": cfg.to_dict(),

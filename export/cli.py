@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.bundle_writer import export_bundle
+    from edge_inspect.export.bundle_writer import export_bundle
 
     out = export_bundle(args.run, args.out, args.checkpoint, args.images, args.parity_images)
     report = json.loads((out / "parity.json").read_text())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.heads.base import AnomalyHead
+from edge_inspect.trainer.heads.base import AnomalyHead
 
 
 class ExportGraph(nn.Module):

@@ -1,8 +1,10 @@
 """The ``edge-inspect`` console command.
 
-Each subcommand names the module that implements it as a string and imports it only when
-chosen, so ``edge-inspect serve`` on a Jetson never imports torch, while ``train`` or
-``export`` pull in the trainer layer. The runtime package itself does not depend on the
+Each subcommand names the module that implements it (relative to the ``edge_inspect``
+namespace) as a string and imports it only when chosen, so ``edge-inspect serve`` on a
+Jetson never imports torch, while ``train`` or ``export`` pull in the trainer layer. A
+missing third-party module is reported as the extra to install; an import error inside the
+project is re-raised as it is. The runtime package itself does not depend on the
 trainer: the only link is this table of names.
 """
 
@@ -28,8 +30,9 @@ class Subcommand:
     module: str
 
 
+PACKAGE = "edge_inspect"
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("demo", "offline demo on the textile images (no weights needed)", "trainer.demo"),
+    Subcommand("demo", "offline demo on the textile images (no weights needed)", "export.demo"),
     Subcommand("train", "train a method's head from a run config (then evaluate)", "trainer.train_cli"),
     Subcommand("eval", "evaluate a checkpoint: metrics JSON, ROC, histograms, overlays",
                "trainer.eval_cli"),
@@ -47,17 +50,44 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "trainer.backbones.inspect_cli",
     ),
 )
+# Third-party modules an extra brings, and the extra to install for them.
+EXTRAS = {"torch": "trainer", "safetensors": "trainer", "ftfy": "trainer", "regex": "trainer",
+          "scipy": "trainer", "tifffile": "trainer", "onnx": "trainer", "matplotlib": "trainer",
+          "conformal_clip_data": "demo"}
+
+
+def missing_dependency(exc: ImportError) -> str | None:
+    """The top-level name of a third-party module that is not installed, else None.
+
+    Only a :class:`ModuleNotFoundError` for a module outside this project counts: an
+    ImportError raised inside the project (a renamed function, a circular import, a module
+    of ours that is missing) is a bug to show, never to be dressed up as a missing extra.
+    """
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    return None if top == PACKAGE else top
+
+
+def missing_extra_message(sub: Subcommand, exc: ImportError) -> str | None:
+    """The one-line message for a missing optional dependency; None for anything else."""
+    missing = missing_dependency(exc)
+    if missing is None:
+        return None
+    extra = EXTRAS.get(missing, "trainer")
+    return (f"edge-inspect {sub.name}: the module {missing!r} is not installed; this subcommand "
+            f"needs the {extra} extra: run `bash .ci/setup`, or "
+            f"`pip install torch==2.13.0 && pip install -e \".[{extra}]\"`.")
 
 
 def _load(sub: Subcommand):
     try:
-        return importlib.import_module(sub.module)
+        return importlib.import_module(f"{PACKAGE}.{sub.module}")
     except ImportError as exc:
-        raise SystemExit(
-            f"edge-inspect {sub.name}: cannot import {sub.module} ({exc}). This subcommand "
-            "needs the trainer extra: run `bash .ci/setup` or "
-            "`pip install torch==2.13.0 && pip install -e .[trainer]`."
-        ) from exc
+        message = missing_extra_message(sub, exc)
+        if message is None:
+            raise
+        raise SystemExit(message) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(module.run(args) or 0)
+    except ImportError as exc:  # a dependency imported late, inside run()
+        message = missing_extra_message(sub, exc)
+        if message is None:
+            raise
+        raise SystemExit(message) from exc
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         # Errors a user can cause (bad config, path, checkpoint, dataset) carry a message
         # that names the problem and the fix; a traceback only with --verbose.

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file, staged_bundle
-from runtime.calibration import calibrate_false_alarm_rate
-from runtime.enrollment import build_memory
-from runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
+from edge_inspect.runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file, staged_bundle
+from edge_inspect.runtime.calibration import calibrate_false_alarm_rate
+from edge_inspect.runtime.enrollment import build_memory
+from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8)
 
 
-def _frames(paths: list[Path], bundle) -> np.ndarray:
-    size = (bundle.image.height, bundle.image.width)
-    return np.stack([fit_image(read_rgb(p), size, bundle.image.fit) for p in paths])
+def _frames(paths: list[Path], bundle) -> dict[str, np.ndarray]:
+    plane = bundle.image
+    return {plane.name: np.stack([fit_image(read_rgb(p), (plane.height, plane.width), plane.fit,
+                                            plane.interpolation) for p in paths])}
 
 
 def _infer(engine, paths: list[Path], outputs: list[str], batch: int) -> dict[str, np.ndarray]:
@@ -55,13 +56,16 @@ def _infer(engine, paths: list[Path], outputs: list[str], batch: int) -> dict[st
 def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = None,
            false_alarm_rate: float | None = None, calibration_images: int = 200, seed: int = 0,
            batch: int = 8) -> Path:
-    from runtime.engines import open_engine
+    from edge_inspect.runtime.engines import open_engine
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
     if not bundle.memory:
         raise BundleError(f"{bundle_dir} was exported without a few-shot memory (method {m['method']}, "
                           "zero-shot); export an enrolled checkpoint to get a bundle that can enroll")
+    if len(bundle.inputs) != 1 or bundle.image.modality != "rgb":
+        raise BundleError(f"{bundle_dir} takes planes {[p.name for p in bundle.inputs]}; enrolling from "
+                          "an image folder needs a bundle with one RGB plane")
     if not Path(normal_dir).is_dir():
         raise FileNotFoundError(f"normal image folder {normal_dir} not found")
     files = sorted(p for p in Path(normal_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -78,19 +82,19 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
                          f"{normal_dir}, or pass --false-alarm-rate")
 
     engine = open_engine(bundle)
-    feature_outputs = [o["name"] for o in m["outputs"] if o["name"].startswith("feature.")]
-    parts = _infer(engine, shot_files, feature_outputs, batch)
+    feature_outputs = bundle.feature_outputs
+    parts = _infer(engine, shot_files, [o.name for o in feature_outputs], batch)
     features = {}
-    for o in m["outputs"]:
-        if o["name"] in parts:
-            axis = o["shape"].index("batch")
-            features[o["name"][len("feature."):]] = np.concatenate(parts[o["name"]], axis=axis)
-    memory = build_memory(m, features)
+    for o in feature_outputs:
+        axis = list(o.shape).index("batch")
+        features[o.name.removeprefix("feature.")] = np.concatenate(parts[o.name], axis=axis)
+    memory = build_memory(bundle.memory_recipe, features)
     if set(memory) != set(bundle.memory):
         raise BundleError(f"enrollment built {sorted(memory)} but the bundle's memory has "
                           f"{sorted(bundle.memory)}; re-export the bundle")
     bundle.memory = memory
-    scores = np.concatenate(_infer(engine, calib_files, ["image_score"], batch)["image_score"])
+    score = bundle.score_output
+    scores = np.concatenate(_infer(engine, calib_files, [score], batch)[score])
     calibration = calibrate_false_alarm_rate(scores, target).as_dict()
 
     out = Path(out or f"{bundle_dir}.enrolled-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")

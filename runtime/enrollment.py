@@ -1,13 +1,16 @@
 """Few-shot memory from a bundle's own feature outputs, in numpy (no torch).
 
 ``edge-inspect enroll`` runs the bundle's graph on K normal images, takes its
-``feature.*`` outputs and rebuilds the memory exactly as the trainer's ``enroll`` does:
+``feature.*`` outputs and rebuilds the memory exactly as the trainer's ``enroll`` does,
+following the **recipe** the manifest names (``memory.recipe``; a method's spec chooses it,
+so enrollment needs neither the trainer nor its config):
 
-* ``afclip`` (AF-CLIP+) and ``cmad`` (Visual Discrepancy Inference): one L2-normalized bank
+* ``bank_per_set`` (AF-CLIP+, CMAD's Visual Discrepancy Inference): one L2-normalized bank
   per token set / tap, ``(sets, K * N, C)``;
-* ``memory``: the standardized (or normalized) patch bank with its mean and std, the fold
-  reference (each shot's top and bottom halves scored against the rest; mean of maxima),
-  and the window Gaussian (mean and inverse covariance of window-mean features).
+* ``patch_memory`` (the memory method): the standardized (or normalized) patch bank with
+  its mean and std, the fold reference (each shot's top and bottom halves scored against
+  the rest; mean of maxima), and the window Gaussian (mean and inverse covariance of
+  window-mean features), with the recipe's metric, window and stride.
 
 Tests compare every array with the torch enrollment of the same shots.
 """
@@ -76,23 +79,35 @@ def window_gaussian(grids: np.ndarray, window: int, stride: int,
             "global.precision": np.linalg.inv(cov).astype(np.float32)}
 
 
-def build_memory(manifest: dict, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The memory arrays for a bundle's method from its feature outputs (batch = shots)."""
-    method = manifest["method"]
-    if method in ("afclip", "cmad"):
-        return {"bank": bank_per_set(features["features"])}
-    if method == "memory":
-        head = manifest["config"]["head"]
-        rows_cols = features["global"].shape[-2:] if "global" in features else None
-        grid = _grid(manifest, rows_cols, features["local"].shape[1])
-        memory = patch_memory(features["local"], head["metric"], grid)
-        if head["use_global"]:
-            memory |= window_gaussian(features["global"], head["window"], head["stride"])
-        return memory
-    raise ValueError(f"method {method!r} has no few-shot memory to enroll")
+def bank_recipe(params: dict, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``bank_per_set``: the feature ``(sets, K, N, C)`` as normalized banks ``{"bank": ...}``."""
+    return {"bank": bank_per_set(features[params.get("feature", "features")])}
 
 
-def _grid(manifest: dict, rows_cols, n: int) -> tuple[int, int]:
+def patch_memory_recipe(params: dict, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``patch_memory``: the memory head's patch bank (+ window Gaussian with ``use_global``)."""
+    rows_cols = features["global"].shape[-2:] if "global" in features else params.get("grid")
+    grid = _grid(rows_cols, features["local"].shape[1])
+    memory = patch_memory(features["local"], params["metric"], grid)
+    if params["use_global"]:
+        memory |= window_gaussian(features["global"], params["window"], params["stride"])
+    return memory
+
+
+# Recipe kinds a manifest may name (``memory.recipe.kind``); a method's spec picks one.
+RECIPES = {"bank_per_set": bank_recipe, "patch_memory": patch_memory_recipe}
+
+
+def build_memory(recipe: dict | None, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The memory arrays from a bundle's feature outputs (batch = shots), as its recipe says."""
+    kind = (recipe or {}).get("kind")
+    if kind not in RECIPES:
+        raise ValueError(f"memory recipe {kind!r} unknown to this runtime (it knows {list(RECIPES)}); "
+                         "re-export the bundle or upgrade edge-inspect")
+    return RECIPES[kind](recipe, features)
+
+
+def _grid(rows_cols, n: int) -> tuple[int, int]:
     if rows_cols is not None:
         return int(rows_cols[0]), int(rows_cols[1])
     side = int(round(n**0.5))

@@ -6,7 +6,7 @@ import argparse
 import importlib.metadata as md
 import platform
 
-from runtime import __version__
+from edge_inspect.runtime import __version__
 
 _PACKAGES = ("numpy", "opencv-python-headless", "pyzmq", "prometheus-client", "onnxruntime",
              "torch", "tensorrt")

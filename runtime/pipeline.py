@@ -1,12 +1,20 @@
-"""The inference pipeline: frames in over ZeroMQ, scores and heatmaps out, metrics on the side.
+"""The inference pipeline: frames in from a receiver, results out to sinks, metrics on the side.
+
+The pipeline builds no sockets: it reads raw messages from a frame receiver (anything with
+``drain(timeout_ms, limit)`` and ``close()``, :mod:`edge_inspect.runtime.transport`), takes
+the model from a :class:`~edge_inspect.runtime.model_slot.ModelSlot` once per batch, and
+hands every result to a list of sinks (:mod:`edge_inspect.runtime.sinks`). Frames are
+mappings plane name -> array from the source to the engine; each bundle input plane is fed
+from the frame plane of its modality and fitted with its own fit mode and interpolation.
 
 Three threads overlap so that the engine runs back to back (the Python work of one frame
 happens while the engine scores another; the engine releases the GIL):
 
 1. **intake**: receive (``live`` drains everything queued and keeps the newest frame per
    camera, older ones are ``stale`` drops, ``seq`` gaps are ``hwm`` drops; ``every_part``
-   takes frames in order), decode (messages that do not decode are counted as
-   ``malformed`` and skipped), preprocess (``runtime.preprocess``), hand over
+   takes frames in order), decode (messages that do not decode, lack a plane the bundle
+   needs or carry planes of mismatched sizes are counted as ``malformed`` and skipped),
+   preprocess (``runtime.preprocess``), hand over
    (:mod:`runtime.handoff`).
 2. **infer** (the thread that calls :meth:`Pipeline.run`): takes up to ``max_batch``
    frames (``every_part`` waits at most ``max_wait_ms`` for the batch to fill; ``live``
@@ -14,9 +22,9 @@ happens while the engine scores another; the engine releases the GIL):
    runs only a few lines of Python and nothing that releases the GIL, so it gets straight
    back into the engine (which releases it) instead of queueing behind the other stages.
 3. **publish**: postprocess (label = score > threshold; heatmap downsampled to
-   ``heatmap_size``), ``result.<camera>`` with a JSON header (score, label, threshold,
-   model, seq, capture time, per-stage seconds) and the heatmap as float16 payload, metrics;
-   anomalous frames go to the capture store.
+   ``heatmap_size``), metrics, and a :class:`~edge_inspect.runtime.sinks.Result` (score,
+   label, threshold, model, seq, capture time, per-stage seconds, float16 heatmap) for every
+   sink (results socket, captures).
 
 Per-stage seconds cover work only; time spent waiting between stages shows in the
 end-to-end latency.
@@ -33,56 +41,57 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from runtime.bundle import Bundle
-from runtime.capture import CaptureStore
-from runtime.handoff import FrameHandoff
-from runtime.metrics import RuntimeMetrics, calibrated_score
-from runtime.preprocess import fit_image
-from runtime.transport.sockets import Receiver, Sender, TransportConfig
-from runtime.transport.wire import MalformedMessage, Message, decode, encode
+from edge_inspect.runtime.handoff import FrameHandoff
+from edge_inspect.runtime.metrics import RuntimeMetrics, calibrated_score
+from edge_inspect.runtime.model_slot import ModelSlot, ServingModel
+from edge_inspect.runtime.preprocess import fit_image
+from edge_inspect.runtime.sinks import Result
+from edge_inspect.runtime.transport.wire import MalformedMessage, Message, decode
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PipelineConfig:
-    frames: TransportConfig
-    results: TransportConfig
+    mode: str = "live"  # live | every_part (the frame transport's delivery mode)
     max_batch: int = 4
     max_wait_ms: float = 5.0
     heatmap_size: tuple[int, int] | None = (64, 64)
     camera_timeout_s: float = 5.0
-    model_name: str = "model"
-    captures: CaptureStore | None = None
     expected_cameras: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Prepared:
-    """A decoded frame fitted to the bundle's input, on its way to the engine."""
+    """A decoded frame fitted to the bundle's input planes, on its way to the engine."""
 
     msg: Message
     t_recv: int  # monotonic ns when it was received
-    frame: np.ndarray
+    planes: dict[str, np.ndarray]  # input name -> fitted, contiguous (H, W, C)
     preprocess_s: float
 
 
 class Pipeline:
-    """Runs a bundle's engine on frames from ``cfg.frames`` and publishes on ``cfg.results``."""
+    """Runs the slot's model on frames from ``frames`` and hands results to ``sinks``."""
 
-    def __init__(self, bundle: Bundle, engine, cfg: PipelineConfig, metrics: RuntimeMetrics,
-                 ctx=None) -> None:
-        self.bundle, self.engine, self.cfg, self.metrics = bundle, engine, cfg, metrics
-        self.receiver = Receiver(cfg.frames, ctx)
-        self.sender = Sender(cfg.results, ctx)
+    def __init__(self, slot: ModelSlot, frames, sinks: list, cfg: PipelineConfig,
+                 metrics: RuntimeMetrics) -> None:
+        self.slot, self.receiver, self.sinks, self.cfg, self.metrics = slot, frames, list(sinks), cfg, metrics
         self.last_seq: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
         self.warm = False
         self.frames_done = 0
-        self.input_size = (bundle.image.height, bundle.image.width)
-        self.handoff = FrameHandoff(latest_wins=cfg.frames.mode == "live", capacity=cfg.max_batch)
+        self.handoff = FrameHandoff(latest_wins=cfg.mode == "live", capacity=cfg.max_batch)
         self.to_publish: queue.Queue = queue.Queue(maxsize=2)  # inferred batches
         self._warned_unfit: set[str] = set()
+
+    @property
+    def bundle(self):
+        return self.slot.current.bundle
+
+    @property
+    def engine(self):
+        return self.slot.current.engine
 
     # -- readiness ---------------------------------------------------------------------------
     def ready(self) -> dict[str, bool]:
@@ -93,11 +102,10 @@ class Pipeline:
         return checks
 
     def warmup(self) -> None:
-        self.engine.warmup()
+        model = self.slot.current
+        model.engine.warmup()
         self.warm = True
-        backend = getattr(self.engine, "backend", "?")
-        precision = getattr(self.engine, "precision", "fp32")
-        self.metrics.model_info.labels(self.cfg.model_name, backend, precision).set(1)
+        self.metrics.model_info.labels(model.name, model.backend, model.precision).set(1)
 
     # -- receive -----------------------------------------------------------------------------
     def _decode(self, parts: list) -> Message | None:
@@ -108,12 +116,11 @@ class Pipeline:
             log.debug("malformed message dropped: %s", exc.reason)
             self.metrics.drop(camera, "malformed")
             return None
-        if msg.kind != "frame" or len(msg.arrays) != 1 or msg.arrays[0].ndim != 3 \
-                or msg.arrays[0].shape[2] != 3 or msg.arrays[0].dtype != np.uint8:
+        if msg.kind != "frame" or not self._planes_fit(msg):
             self.metrics.drop(msg.camera, "malformed")
             return None
         cam = msg.camera
-        series = self.metrics.camera(cam, self.cfg.model_name)
+        series = self.metrics.camera(cam, self.slot.current.name)
         series.received.inc()
         series.last_frame.set(time.time())
         series.up.set(1)
@@ -126,9 +133,22 @@ class Pipeline:
         self.last_seq[cam] = msg.seq
         return msg
 
+    def _planes_fit(self, msg: Message) -> bool:
+        """Every input plane of the bundle is in the frame (by modality) with its channel count
+        and dtype, and all of the frame's planes have one size."""
+        planes = msg.planes
+        sizes = {a.shape[:2] for a in planes.values()}
+        if len(sizes) != 1:
+            return False
+        for p in self.bundle.inputs:
+            a = planes.get(p.modality)
+            if a is None or a.ndim != 3 or a.shape[2] != p.channels or a.dtype != np.dtype(p.dtype):
+                return False
+        return True
+
     def receive(self) -> list[tuple[Message, int]]:
         """Decoded frames with their receive time (ns), per the delivery mode."""
-        if self.cfg.frames.mode == "live":
+        if self.cfg.mode == "live":
             raw = self.receiver.drain(timeout_ms=100)
             now = time.monotonic_ns()
             newest: dict[str, Message] = {}
@@ -149,23 +169,27 @@ class Pipeline:
 
     # -- the three stages ----------------------------------------------------------------------
     def prepare(self, msg: Message, t_recv: int) -> Prepared | None:
-        """Fit a decoded frame to the bundle's input; a frame that cannot be fitted (smaller
-        than the crop) is counted as ``malformed`` and dropped."""
+        """Fit a decoded frame's planes to the bundle's inputs; a frame that cannot be fitted
+        (smaller than the crop) is counted as ``malformed`` and dropped."""
         t0 = time.perf_counter()
+        planes = msg.planes
         try:
             # contiguous here, on the intake thread: a copy in the inference thread would
             # release the GIL between engine calls and let the other stages take it
-            frame = np.ascontiguousarray(fit_image(msg.arrays[0], self.input_size, self.bundle.image.fit))
+            fitted = {p.name: np.ascontiguousarray(fit_image(planes[p.modality], (p.height, p.width),
+                                                             p.fit, p.interpolation))
+                      for p in self.bundle.inputs}
         except ValueError as exc:
             if msg.camera not in self._warned_unfit:
                 log.warning("camera %s: %s (frames dropped as malformed)", msg.camera, exc)
                 self._warned_unfit.add(msg.camera)
             self.metrics.drop(msg.camera, "malformed")
             return None
-        return Prepared(msg, t_recv, frame, time.perf_counter() - t0)
+        return Prepared(msg, t_recv, fitted, time.perf_counter() - t0)
 
-    def infer(self, batch: list[Prepared]) -> tuple[dict, float]:
-        """One engine call for the micro-batch; returns the outputs and seconds per frame.
+    def infer(self, batch: list[Prepared]) -> tuple[ServingModel, dict, float]:
+        """One engine call for the micro-batch with the slot's current model; returns the
+        model, its outputs and seconds per frame.
 
         A single frame goes in as a view: a copy here (``np.stack``) releases the GIL just
         before the engine call, the intake and publish threads take it, and the engine waits
@@ -173,32 +197,43 @@ class Pipeline:
         the copy, ~0.1 ms without).
         """
         t0 = time.perf_counter()
-        images = batch[0].frame[None] if len(batch) == 1 else np.stack([p.frame for p in batch])
-        out = self.engine.infer(images)
-        return out, (time.perf_counter() - t0) / len(batch)
+        model = self.slot.current  # once per batch: a swap takes effect between batches
+        bundle = model.bundle
+        if len(batch) == 1:
+            feeds = {name: plane[None] for name, plane in batch[0].planes.items()}
+        else:
+            feeds = {p.name: np.stack([item.planes[p.name] for item in batch]) for p in bundle.inputs}
+        names = [bundle.score_output, bundle.map_output]
+        if bundle.state:
+            cameras = [item.msg.camera for item in batch]
+            feeds |= self.slot.state_feeds(model, cameras)
+            names += [s.output for s in bundle.state]
+        out = model.engine.infer(feeds, names)
+        if bundle.state:
+            self.slot.keep_state(model, cameras, out)
+        return model, out, (time.perf_counter() - t0) / len(batch)
 
-    def publish(self, batch: list[Prepared], out: dict, infer_s: float) -> None:
-        """Postprocess, publish ``result.<camera>``, observe metrics, submit captures."""
-        threshold = self.bundle.threshold
+    def publish(self, batch: list[Prepared], model: ServingModel, out: dict, infer_s: float) -> None:
+        """Postprocess, observe metrics, hand a result per frame to every sink."""
+        threshold = model.threshold
+        scores, maps = out[model.bundle.score_output], out[model.bundle.map_output]
         for i, item in enumerate(batch):
             t0 = time.perf_counter()
-            amap = out["anomaly_map"][i]
+            amap = maps[i]
             if self.cfg.heatmap_size:
                 amap = cv2.resize(amap, self.cfg.heatmap_size[::-1], interpolation=cv2.INTER_AREA)
             heat = amap.astype(np.float16)
-            score = float(out["image_score"][i])
+            score = float(scores[i])
             label = threshold is not None and score > threshold
             t1 = time.perf_counter()
             msg, cam = item.msg, item.msg.camera
             stages = {"transport": max(0.0, (item.t_recv - msg.t_capture_ns) / 1e9),
                       "preprocess": item.preprocess_s, "infer": infer_s, "postprocess": t1 - t0}
-            header = {"score": score, "label": int(label), "threshold": threshold,
-                      "model": self.cfg.model_name, "stages": stages}
-            try:
-                self.sender.send(encode("result", cam, msg.seq, msg.t_capture_ns, [heat], **header))
-            except TimeoutError as exc:  # an every_part results consumer stalled: keep serving
-                log.warning("result of %s seq %d not delivered: %s", cam, msg.seq, exc)
-            series = self.metrics.camera(cam, self.cfg.model_name)
+            result = Result(cam, msg.seq, msg.t_capture_ns, score, bool(label), threshold, model.name,
+                            stages, heat, item.planes)
+            for sink in self.sinks:
+                sink.publish(result)
+            series = self.metrics.camera(cam, model.name)
             for stage, secs in stages.items():
                 series.stages[stage].observe(secs)
             series.stages["publish"].observe(time.perf_counter() - t1)
@@ -207,16 +242,13 @@ class Pipeline:
             series.score.observe(calibrated_score(score, threshold))
             if label:
                 series.anomalies.inc()
-                if self.cfg.captures is not None:  # PNG encoding happens on the writer thread
-                    self.cfg.captures.submit(cam, msg.seq, item.frame, heat,
-                                             {"camera": cam, "seq": msg.seq,
-                                              "t_capture_ns": msg.t_capture_ns, **header})
             self.frames_done += 1
 
     def update_camera_up(self) -> None:
         now = time.monotonic()
         for cam, seen in list(self.last_seen.items()):
-            self.metrics.camera(cam, self.cfg.model_name).up.set(int(now - seen < self.cfg.camera_timeout_s))
+            up = int(now - seen < self.cfg.camera_timeout_s)
+            self.metrics.camera(cam, self.slot.current.name).up.set(up)
 
     # -- threads -------------------------------------------------------------------------------
     def _intake_loop(self, done: threading.Event) -> None:
@@ -266,7 +298,7 @@ class Pipeline:
                                       ("pipeline-publish", self._publish_loop))]
         for t in threads:
             t.start()
-        live = self.cfg.frames.mode == "live"
+        live = self.cfg.mode == "live"
         try:
             while not stop.is_set() and not done.is_set():
                 batch = self.handoff.take(self.cfg.max_batch, 0.0 if live else self.cfg.max_wait_ms / 1000,
@@ -285,11 +317,12 @@ class Pipeline:
             done.set()
             for t in threads:
                 t.join()
-            if self.cfg.captures is not None:
-                self.cfg.captures.flush()
+            for sink in self.sinks:
+                sink.flush()
         if errors:
             raise errors[0]
 
     def close(self) -> None:
         self.receiver.close()
-        self.sender.close()
+        for sink in self.sinks:
+            sink.close()

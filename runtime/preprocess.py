@@ -12,16 +12,28 @@ import cv2
 import numpy as np
 
 FIT_MODES = ("resize", "center_crop")
+# A plane's manifest ``interpolation`` -> OpenCV flag ("none": the plane is never resampled).
+INTERPOLATIONS = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA,
+                  "nearest": cv2.INTER_NEAREST}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:
-    """Bring ``(H, W, C)`` to ``size`` (H, W); an image smaller than a crop is an error."""
+def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize",
+              interpolation: str = "bicubic") -> np.ndarray:
+    """Bring ``(H, W, C)`` to ``size`` (H, W); an image smaller than a crop is an error.
+
+    ``interpolation`` is the plane's (bicubic for RGB by default; geometry planes name
+    ``nearest`` or ``bilinear``, never bicubic); ``none`` refuses to resample.
+    """
     h, w = size
     if mode == "resize":
         if image.shape[:2] == (h, w):
             return image
-        return cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"cannot resize a plane with interpolation {interpolation!r}; "
+                             f"choose one of {list(INTERPOLATIONS)}")
+        out = cv2.resize(image, (w, h), interpolation=INTERPOLATIONS[interpolation])
+        return out if out.ndim == image.ndim else out[..., None]
     if mode == "center_crop":
         ih, iw = image.shape[:2]
         if ih < h or iw < w:

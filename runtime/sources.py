@@ -1,7 +1,8 @@
 """Frame sources: image-folder replay, synthetic frames, and OpenCV captures (camera index,
 video file, RTSP/HTTP URL) with reconnect, backoff and a stall watchdog.
 
-Every source yields ``(frame, t_capture_ns)``: an ``(H, W, 3)`` uint8 RGB frame and
+Every source yields ``(planes, t_capture_ns)``: a mapping of plane name to array (these
+sources give ``{"rgb": (H, W, 3) uint8}``; RGB-D sources add ``depth`` or ``xyz``) and
 ``time.monotonic_ns()`` taken when it was captured (comparable across processes on one
 host). :func:`publish` numbers them per camera (``seq``) and sends them in the wire format.
 Iteration stops when ``stop`` is set, so SIGTERM handlers end a source promptly.
@@ -18,12 +19,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from runtime.preprocess import IMAGE_SUFFIXES, read_rgb
-from runtime.transport.sockets import Sender
-from runtime.transport.wire import encode
+from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, read_rgb
+from edge_inspect.runtime.transport.sockets import Sender
+from edge_inspect.runtime.transport.wire import encode_frame
 
 log = logging.getLogger(__name__)
-Frame = tuple[np.ndarray, int]
+Frame = tuple[dict[str, np.ndarray], int]  # planes by name, capture time (ns)
 
 
 class Pacer:
@@ -74,7 +75,7 @@ class FolderSource:
                 except ValueError as exc:
                     log.warning("skipping %s", exc)  # a bad file in a replay folder is not fatal
                     continue
-                yield frame, time.monotonic_ns()
+                yield {"rgb": frame}, time.monotonic_ns()
             if not self.loop:
                 return
 
@@ -101,7 +102,7 @@ class SyntheticSource:
             frames.append(np.stack([shifted, shifted[::-1], np.full_like(shifted, 16 * i % 256)], -1))
         pacer, i = Pacer(self.fps, self.stop), 0
         while (self.count is None or i < self.count) and pacer.wait():
-            yield frames[i % self.variants], time.monotonic_ns()
+            yield {"rgb": frames[i % self.variants]}, time.monotonic_ns()
             i += 1
 
 
@@ -172,7 +173,7 @@ class CaptureSource:
                             log.warning("no frame from %s for %.1f s; reconnecting", self.uri, self.stall_s)
                         break
                     last, delay, self.up = time.monotonic(), self.backoff_s, True
-                    yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.monotonic_ns()
+                    yield {"rgb": cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)}, time.monotonic_ns()
             finally:
                 cap.release()
                 self.up = False
@@ -182,9 +183,9 @@ class CaptureSource:
 def publish(source, sender: Sender, camera: str, stop: threading.Event | None = None) -> int:
     """Send every frame of ``source`` as ``frame.<camera>`` with a per-camera ``seq``."""
     seq = 0
-    for frame, t_ns in source:
+    for planes, t_ns in source:
         if stop is not None and stop.is_set():
             break
-        sender.send(encode("frame", camera, seq, t_ns, [frame]))
+        sender.send(encode_frame(camera, seq, t_ns, planes))
         seq += 1
     return seq

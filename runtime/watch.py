@@ -14,8 +14,8 @@ from collections import defaultdict, deque
 
 import numpy as np
 
-from runtime.transport.sockets import Receiver, TransportConfig
-from runtime.transport.wire import MalformedMessage, decode
+from edge_inspect.runtime.transport.sockets import Receiver, TransportConfig
+from edge_inspect.runtime.transport.wire import MalformedMessage, decode
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,9 +26,9 @@ RUNS = {
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """``{method: run folder}``; each run has a checkpoint and an enrolled one (K = 2 or 4)."""
-    from trainer.config import RunConfig
-    from trainer.evaluate import evaluate_run
-    from trainer.fit import train
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.evaluate import evaluate_run
+    from edge_inspect.trainer.fit import train
 
     base = tmp_path_factory.mktemp("runs")
     out = {}
@@ -49,7 +49,7 @@ def enrolled(run: Path) -> Path:
 @pytest.fixture(scope="session")
 def bundles(runs, tmp_path_factory) -> dict[str, Path]:
     """Bundles: zero-shot ``afclip`` / ``cmad``, few-shot ``afclip+`` / ``cmad+`` / ``memory``."""
-    from export.bundle_writer import export_bundle
+    from edge_inspect.export.bundle_writer import export_bundle
 
     base = tmp_path_factory.mktemp("bundles")
     out = {}

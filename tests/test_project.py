@@ -28,12 +28,12 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_console_command_help():
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "edge_inspect.runtime.cli", "--help"], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0
     for name in ("demo", "info", "inspect-weights"):
         assert name in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "runtime.cli", "nope"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "edge_inspect.runtime.cli", "nope"], capture_output=True,
                          text=True, cwd=REPO, timeout=60)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.calibration import Calibration, calibrate_false_alarm_rate
-from trainer.metrics import f1_max
+from edge_inspect.runtime.calibration import Calibration, calibrate_false_alarm_rate
+from edge_inspect.trainer.metrics import f1_max
 
 __all__ = ["Calibration", "calibrate_f1", "calibrate_false_alarm_rate"]
 

@@ -2,7 +2,7 @@
 
 ```yaml
 name: afclip-visa-to-mvtec        # run folder: runs/<name> unless --run-dir
-method: afclip                    # afclip | cmad | memory
+method: afclip                    # a registered method: afclip | cmad | memory | ...
 backbone: configs/backbones/clip-vit-l14-336-518.yaml   # a file or an inline mapping
 seed: 0
 shots: 0                          # K normal images per target class (0: zero-shot)
@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from trainer.backbones import BackboneSpec
-from trainer.data.registry import DatasetSpec
+from edge_inspect.trainer.backbones import BackboneSpec
+from edge_inspect.trainer.data.registry import DatasetSpec
+from edge_inspect.trainer.heads.registry import get_method
 
-METHODS = ("afclip", "cmad", "memory")
 TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "betas", "checkpoint_every", "workers",
               "log_every")
 CALIBRATION_DEFAULTS = {"false_alarm_rate": 0.01, "normals": 20}
@@ -46,21 +46,6 @@ def _check_keys(data: dict, allowed: tuple[str, ...] | set[str], where: str) -> 
     unknown = set(data) - set(allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-
-
-def method_defaults(method: str) -> tuple[type, dict]:
-    """The method's hyperparameter dataclass and its training defaults (from its paper)."""
-    if method == "afclip":
-        from trainer.heads.afclip import AFCLIP_TRAINING, AfClipConfig
-
-        return AfClipConfig, AFCLIP_TRAINING
-    if method == "cmad":
-        from trainer.heads.cmad import CMAD_TRAINING, CmadConfig
-
-        return CmadConfig, CMAD_TRAINING
-    from trainer.heads.memory_head import MemoryHeadConfig
-
-    return MemoryHeadConfig, {}
 
 
 @dataclass
@@ -87,8 +72,7 @@ class RunConfig:
         _check_keys(raw, ("name", "method", "backbone", "seed", "shots", "fit", "data", "head",
                           "train", "calibration", "eval"), source)
         method = raw.get("method")
-        if method not in METHODS:
-            raise ConfigError(f"{source}: method {method!r} unknown; choose one of {METHODS}")
+        spec = get_method(method, source)
         backbone = raw.get("backbone", {"kind": "texture"})
         if isinstance(backbone, str):
             path = Path(backbone)
@@ -106,7 +90,7 @@ class RunConfig:
         names = [d.name for d in train_data + target_data]
         if len(set(d.name for d in train_data)) != len(train_data):
             raise ConfigError(f"{source}: auxiliary dataset names must be unique, got {names}")
-        head_cls, train_defaults = method_defaults(method)
+        head_cls, train_defaults = spec.config, spec.training.defaults
         head = raw.get("head") or {}
         _check_keys(head, {f.name for f in fields(head_cls)}, f"{source}: head ({method})")
         head = asdict(head_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in head.items()}))
@@ -129,14 +113,15 @@ class RunConfig:
         shots = int(raw.get("shots", 0))
         if shots < 0:
             raise ConfigError(f"{source}: shots must be >= 0, got {shots}")
-        if method == "memory" and shots < 1:
-            raise ConfigError(f"{source}: method memory needs shots >= 1 (it has no zero-shot mode)")
-        if method in ("afclip", "cmad") and backbone.kind != "clip":
-            raise ConfigError(f"{source}: {method} needs a CLIP backbone (kind: clip), got "
-                              f"{backbone.kind}")
-        if method == "cmad" and not train_data:
-            raise ConfigError(f"{source}: cmad needs auxiliary datasets under data.train "
-                              "(one prototype set each)")
+        if shots < spec.min_shots:
+            raise ConfigError(f"{source}: method {method} needs shots >= {spec.min_shots} (it has no "
+                              "zero-shot mode)")
+        if spec.backbones is not None and backbone.kind not in spec.backbones:
+            raise ConfigError(f"{source}: {method} needs a backbone of kind {' or '.join(spec.backbones)}, "
+                              f"got {backbone.kind}")
+        if spec.needs_train_data and not train_data:
+            raise ConfigError(f"{source}: {method} trains on auxiliary datasets; list them under "
+                              "data.train")
         return cls(raw.get("name") or Path(source).stem, method, backbone, train_data, target_data,
                    head, train, int(raw.get("seed", 0)), shots, raw.get("fit"), calibration,
                    evaluation, source)
@@ -179,6 +164,10 @@ class RunConfig:
             "eval": self.eval,
         })
 
+    def head_kwargs(self) -> dict[str, Any]:
+        """The ``head`` section as keyword arguments of the method's config dataclass."""
+        return _tuples(self.head)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -198,23 +187,8 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def build_head(cfg: RunConfig):
-    """The method's head on its frozen backbone, as the config describes."""
-    from trainer.backbones import build_backbone, build_clip
-
-    if cfg.method == "afclip":
-        from trainer.heads.afclip import AfClipConfig, AfClipHead
-
-        head = AfClipHead(build_clip(cfg.backbone), AfClipConfig(**_tuples(cfg.head)))
-    elif cfg.method == "cmad":
-        from trainer.heads.cmad import CmadConfig, CmadHead
-
-        head = CmadHead(build_clip(cfg.backbone), [d.name for d in cfg.train_data],
-                        CmadConfig(**_tuples(cfg.head)))
-    else:
-        from trainer.heads.memory_head import MemoryHead, MemoryHeadConfig
-
-        head = MemoryHead(build_backbone(cfg.backbone), MemoryHeadConfig(**_tuples(cfg.head)))
-    return head
+    """The method's head on its frozen backbone, as the config describes (via the registry)."""
+    return get_method(cfg.method, cfg.source).build(cfg)
 
 
 def _coerce(d: dict, types: dict, where: str) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.config import RunConfig
+from edge_inspect.trainer.config import RunConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate_run, summary_table
+    from edge_inspect.trainer.evaluate import evaluate_run, summary_table
 
     cfg = RunConfig.from_yaml(args.config, args.overrides)
     if args.out is not None:

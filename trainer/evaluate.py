@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
-from trainer.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
-from trainer.config import RunConfig, build_head
-from trainer.data.batches import BatchLoader
-from trainer.data.registry import DatasetSpec
-from trainer.data.sample import RecordDataset
-from trainer.heads.base import AnomalyHead
-from trainer.metrics import evaluate
-from trainer.plots import overlay, plot_histograms, plot_roc, save_sheet
+from edge_inspect.trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
+from edge_inspect.trainer.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
+from edge_inspect.trainer.config import RunConfig, build_head
+from edge_inspect.trainer.data.batches import BatchLoader
+from edge_inspect.trainer.data.registry import DatasetSpec
+from edge_inspect.trainer.data.sample import RecordDataset
+from edge_inspect.trainer.heads.base import AnomalyHead
+from edge_inspect.trainer.metrics import evaluate
+from edge_inspect.trainer.plots import overlay, plot_histograms, plot_roc, save_sheet
 
 log = logging.getLogger(__name__)
 Item = tuple[RecordDataset, int]

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainer.checkpoint import Checkpoint, atomic_write, save_checkpoint
-from trainer.config import RunConfig, build_head
-from trainer.data.batches import BatchLoader, StepBatches
-from trainer.heads.base import AnomalyHead, TrainPhase
+from edge_inspect.trainer.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from edge_inspect.trainer.config import RunConfig, build_head
+from edge_inspect.trainer.data.batches import BatchLoader, StepBatches
+from edge_inspect.trainer.heads.base import AnomalyHead, TrainPhase
+from edge_inspect.trainer.heads.registry import get_method
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
@@ -71,10 +72,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     prepare_run_dir(cfg, run_dir, resume)
     torch.manual_seed(cfg.seed)
     head = build_head(cfg)
+    training = get_method(cfg.method).training
     datasets = {d.name: d.open() for d in cfg.train_data}
     for d in cfg.train_data:
         log.info("auxiliary %s: %r", d.name, datasets[d.name])
-    phases = head.training_phases(list(datasets), cfg.train)
+    phases = training.phases(head, list(datasets), cfg.train)
     if phases and not datasets:
         raise ValueError(f"{cfg.source}: {cfg.method} trains on auxiliary data; list it under data.train")
     start_phase, start_step, opt_state = 0, 0, None
@@ -100,14 +102,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         if first >= total:
             continue
         if first == 0:
-            head.begin_phase(phase, [source[s] for s in range(min(INIT_BATCHES, total))])
+            training.begin_phase(head, phase, [source[s] for s in range(min(INIT_BATCHES, total))])
         batches = torch.utils.data.DataLoader(source, batch_size=None, sampler=range(first, total),
                                               num_workers=cfg.train["workers"])
         head.train()
         bar = tqdm(batches, total=total, initial=first, desc=f"train {phase.name}", unit="step")
         t0 = time.perf_counter()
         for step, (images, labels, masks) in enumerate(bar, start=first):
-            loss, parts = head.loss(images, labels, masks, phase)
+            loss, parts = training.loss(head, images, labels, masks, phase)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at phase {phase.name} step "
                                          f"{step}; lower train.lr (state kept at the last save)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.metrics import roc_curve
+from edge_inspect.trainer.metrics import roc_curve
 
 
 def _pyplot():

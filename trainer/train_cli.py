@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from trainer.config import RunConfig
+from edge_inspect.trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate_run, summary_table
-    from trainer.fit import train
+    from edge_inspect.trainer.evaluate import evaluate_run, summary_table
+    from edge_inspect.trainer.fit import train
 
     cfg = RunConfig.from_yaml(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.name

@@ -6,7 +6,7 @@ Backends import their libraries only when chosen: ``onnxruntime`` for ``ort``, a
 
 from __future__ import annotations
 
-from runtime.engines.base import Engine, EngineError
+from edge_inspect.runtime.engines.base import Engine, EngineError
 
 BACKENDS = ("ort", "tensorrt")
 
@@ -14,11 +14,11 @@ BACKENDS = ("ort", "tensorrt")
 def open_engine(bundle, backend: str = "ort", **options) -> Engine:
     """The engine for ``bundle`` on ``backend`` (options go to the backend)."""
     if backend == "ort":
-        from runtime.engines.ort import OrtEngine
+        from edge_inspect.runtime.engines.ort import OrtEngine
 
         return OrtEngine(bundle, **options)
     if backend == "tensorrt":
-        from runtime.engines.tensorrt import TensorRTEngine
+        from edge_inspect.runtime.engines.tensorrt import TensorRTEngine
 
         return TensorRTEngine(bundle, **options)
     raise EngineError(f"engine backend {backend!r} unknown; choose one of {BACKENDS}")

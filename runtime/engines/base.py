@@ -1,10 +1,12 @@
-"""The engine interface: load a bundle, warm up, infer a batch; io names from the manifest."""
+"""The engine interface: load a bundle, warm up, infer a batch of named planes; io from the manifest."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
-from runtime.bundle import Bundle
+from edge_inspect.runtime.bundle import Bundle
 
 
 class EngineError(RuntimeError):
@@ -14,8 +16,11 @@ class EngineError(RuntimeError):
 class Engine:
     """Runs a bundle's graph. Subclasses implement :meth:`_run`.
 
-    ``infer(images)`` takes fitted uint8 RGB frames ``(B, H, W, 3)`` (or one ``(H, W, 3)``)
-    and returns the manifest's outputs by name (``image_score``, ``anomaly_map``, features).
+    ``infer(feeds)`` takes one array per named input plane (``{"image": (B, H, W, 3)}``; an
+    RGB-D bundle takes two), plus the state inputs when the bundle declares state, and
+    returns the asked outputs by name (default: the outputs with roles ``score`` and
+    ``map``). The few-shot memory is fed from the bundle (a category's bank when
+    ``category`` is given).
     """
 
     backend = ""
@@ -25,25 +30,33 @@ class Engine:
 
     @property
     def input_names(self) -> list[str]:
-        return [self.bundle.image.name] + [f"memory.{k}" for k in self.bundle.memory]
+        return ([p.name for p in self.bundle.inputs] + [s.input for s in self.bundle.state]
+                + [f"memory.{k}" for k in self.bundle.memory])
 
     @property
     def output_names(self) -> list[str]:
         return self.bundle.output_names
 
-    def infer(self, images: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        feeds = self.bundle.feeds(images)
-        names = outputs or ["image_score", "anomaly_map"]
+    def infer(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None,
+              category: str | None = None) -> dict[str, np.ndarray]:
+        graph_feeds = self.bundle.feeds(feeds, category)
+        names = outputs or [self.bundle.score_output, self.bundle.map_output]
         unknown = set(names) - set(self.output_names)
         if unknown:
             raise EngineError(f"the bundle has no outputs {sorted(unknown)}; it has {self.output_names}")
-        return dict(zip(names, self._run(feeds, names), strict=True))
+        return dict(zip(names, self._run(graph_feeds, names), strict=True))
+
+    def blank_feeds(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """Zero frames for every plane and the initial state: what warm-up runs."""
+        feeds = {p.name: np.zeros((batch, *p.shape), p.dtype) for p in self.bundle.inputs}
+        for s in self.bundle.state:
+            feeds[s.input] = np.repeat(s.initial[None], batch, axis=0)
+        return feeds
 
     def warmup(self, runs: int = 2) -> None:
-        """Run a black batch so the first real frame does not pay for lazy initialisation."""
-        h, w, c = self.bundle.image.shape
+        """Run a blank batch so the first real frame does not pay for lazy initialisation."""
         for _ in range(runs):
-            self.infer(np.zeros((1, h, w, c), np.uint8))
+            self.infer(self.blank_feeds())
 
     def _run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         raise NotImplementedError

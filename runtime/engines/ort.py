@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import Bundle
-from runtime.engines.base import Engine, EngineError
+from edge_inspect.runtime.bundle import Bundle
+from edge_inspect.runtime.engines.base import Engine, EngineError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import Bundle
-from runtime.engines.base import Engine, EngineError
-from runtime.engines.plan_cache import PlanCache, PlanKey
+from edge_inspect.runtime.bundle import Bundle
+from edge_inspect.runtime.engines.base import Engine, EngineError
+from edge_inspect.runtime.engines.plan_cache import PlanCache, PlanKey
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")
@@ -61,9 +61,10 @@ def trt_major(version: str) -> int:
 
 
 def profile_shapes(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) shape per input: images 1..max_batch, memory arrays as they are."""
-    h, w, c = bundle.image.shape
-    shapes = {bundle.image.name: ((1, h, w, c), (max(1, max_batch // 2), h, w, c), (max_batch, h, w, c))}
+    """(min, opt, max) shape per input: planes and state 1..max_batch, memory arrays as they are."""
+    per_frame = {p.name: p.shape for p in bundle.inputs} | {s.input: s.initial.shape for s in bundle.state}
+    shapes = {name: ((1, *shape), (max(1, max_batch // 2), *shape), (max_batch, *shape))
+              for name, shape in per_frame.items()}
     for name, arr in bundle.memory.items():
         shapes[f"memory.{name}"] = (arr.shape,) * 3
     return shapes
@@ -149,7 +150,7 @@ class TensorRTEngine(Engine):
 
     def _run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         cudart, trt = self.cudart, self.trt
-        batch = feeds[self.bundle.image.name].shape[0]
+        batch = feeds[self.bundle.inputs[0].name].shape[0]
         if batch > self.max_batch:
             raise EngineError(f"batch {batch} exceeds the plan's max_batch {self.max_batch}")
         buffers, results = [], {}

@@ -180,11 +180,17 @@ class Receiver:
     """Receives multipart messages (raw parts; decode with :func:`runtime.transport.wire.decode`)."""
 
     def __init__(self, cfg: TransportConfig, ctx: zmq.Context | None = None,
-                 topics: list[bytes] = (b"",)) -> None:
+                 topics: list[bytes] = (b"",), also_connect: list[str] = ()) -> None:
+        """``also_connect``: further endpoints a connecting receiver dials (live mode: one
+        bound PUB per camera, all read by one SUB)."""
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         kind = zmq.SUB if cfg.mode == "live" else zmq.PULL
         self.socket = _socket(self.ctx, kind, cfg, bind=cfg.receiver_binds)
+        if also_connect and cfg.receiver_binds:
+            raise ValueError("a binding receiver cannot also connect; list one endpoint")
+        for endpoint in also_connect:
+            self.socket.connect(endpoint)
         if kind == zmq.SUB:
             for t in topics:
                 self.socket.setsockopt(zmq.SUBSCRIBE, t)

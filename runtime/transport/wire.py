@@ -3,8 +3,9 @@
 * ``topic``: ``frame.<camera>`` or ``result.<camera>`` (ASCII).
 * ``header``: UTF-8 JSON with ``v`` (schema version), ``camera``, ``seq`` (per camera,
   monotonic), ``t_capture_ns`` (``time.monotonic_ns()`` at the source, comparable across
-  processes on one host), ``parts`` (one ``{shape, dtype, layout}`` per payload part) and
-  any extra fields (results carry ``score``, ``label``, ``threshold``, ...).
+  processes on one host), ``parts`` (one ``{plane, shape, dtype, layout}`` per payload part:
+  a frame carries one part per plane, ``rgb``, ``depth``, ``xyz`` ...) and any extra
+  fields (results carry ``score``, ``label``, ``threshold``, ...).
 * ``payload``: raw C-order buffers, sent with ``copy=False``.
 
 :func:`decode` checks everything and raises :class:`MalformedMessage` with a short
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +27,7 @@ WIRE_VERSION = 1
 KINDS = ("frame", "result")
 DTYPES = ("uint8", "uint16", "int32", "float16", "float32")
 MAX_HEADER_BYTES = 64 * 1024
+PLANE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 class MalformedMessage(ValueError):
@@ -44,15 +48,27 @@ class Message:
     t_capture_ns: int
     header: dict
     arrays: list[np.ndarray] = field(default_factory=list)
+    plane_names: list[str] = field(default_factory=list)
+
+    @property
+    def planes(self) -> dict[str, np.ndarray]:
+        """Payload arrays by plane name (a frame: ``{"rgb": ..., "depth": ...}``)."""
+        return dict(zip(self.plane_names, self.arrays, strict=True))
 
 
 def topic(kind: str, camera: str) -> bytes:
     return f"{kind}.{camera}".encode("ascii")
 
 
+def encode_frame(camera: str, seq: int, t_capture_ns: int, planes: Mapping[str, np.ndarray]) -> list:
+    """A frame message with one payload part per named plane."""
+    return encode("frame", camera, seq, t_capture_ns, list(planes.values()), planes=list(planes))
+
+
 def encode(kind: str, camera: str, seq: int, t_capture_ns: int, arrays: list[np.ndarray] = (),
-           layouts: list[str] | None = None, **extra) -> list:
-    """Multipart parts for ``socket.send_multipart(parts, copy=False)``."""
+           layouts: list[str] | None = None, planes: list[str] | None = None, **extra) -> list:
+    """Multipart parts for ``socket.send_multipart(parts, copy=False)``; a part without a
+    plane name is ``rgb`` (frames) or ``heatmap`` (results)."""
     if kind not in KINDS:
         raise ValueError(f"message kind {kind!r} unknown; use {KINDS}")
     if not camera or not camera.isascii() or "." in camera or " " in camera:
@@ -62,9 +78,13 @@ def encode(kind: str, camera: str, seq: int, t_capture_ns: int, arrays: list[np.
         if a.dtype.name not in DTYPES:
             raise ValueError(f"payload dtype {a.dtype} not in the wire format ({DTYPES})")
     layouts = layouts or ["HWC" if a.ndim == 3 else "raw" for a in arrays]
+    planes = planes or [_default_plane(kind, i) for i in range(len(arrays))]
+    for name in planes:
+        if not isinstance(name, str) or not PLANE_NAME.fullmatch(name):
+            raise ValueError(f"plane name {name!r} must be lower-case letters, digits and _ (<= 32)")
     header = {"v": WIRE_VERSION, "camera": camera, "seq": int(seq), "t_capture_ns": int(t_capture_ns),
-              "parts": [{"shape": list(a.shape), "dtype": a.dtype.name, "layout": lay}
-                        for a, lay in zip(arrays, layouts, strict=True)], **extra}
+              "parts": [{"plane": name, "shape": list(a.shape), "dtype": a.dtype.name, "layout": lay}
+                        for a, lay, name in zip(arrays, layouts, planes, strict=True)], **extra}
     return [topic(kind, camera), json.dumps(header, separators=(",", ":")).encode()] + arrays
 
 
@@ -100,16 +120,25 @@ def decode(parts: list) -> Message:
     specs = header.get("parts")
     if not isinstance(specs, list) or len(specs) != len(raw) - 2:
         raise MalformedMessage("payload count does not match header")
-    arrays = []
-    for spec, buf in zip(specs, raw[2:], strict=True):
+    arrays, names = [], []
+    for i, (spec, buf) in enumerate(zip(specs, raw[2:], strict=True)):
         try:
             dtype = np.dtype(spec["dtype"]) if spec["dtype"] in DTYPES else None
             shape = tuple(int(s) for s in spec["shape"])
-        except (KeyError, TypeError, ValueError):
+            name = spec.get("plane", _default_plane(kind, i))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise MalformedMessage("bad part spec") from None
+        if not isinstance(name, str) or not PLANE_NAME.fullmatch(name) or name in names:
+            raise MalformedMessage("bad or repeated plane name")
+        names.append(name)
         if dtype is None:
             raise MalformedMessage("unknown dtype")
         if any(s < 0 for s in shape) or math.prod(shape) * dtype.itemsize != len(buf):
             raise MalformedMessage("payload size does not match shape")
         arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
-    return Message(kind, camera, seq, t_ns, header, arrays)
+    return Message(kind, camera, seq, t_ns, header, arrays, names)
+
+
+def _default_plane(kind: str, index: int) -> str:
+    base = "rgb" if kind == "frame" else "heatmap"
+    return base if index == 0 else f"{base}_{index}"

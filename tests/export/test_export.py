@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from export.bundle_writer import ParityError, export_bundle
-from export.graph import ExportGraph
-from runtime.bundle import load_bundle
-from runtime.engines import open_engine
+from edge_inspect.export.bundle_writer import ParityError, export_bundle
+from edge_inspect.export.graph import ExportGraph
+from edge_inspect.runtime.bundle import load_bundle
+from edge_inspect.runtime.engines import open_engine
+from edge_inspect.trainer.config import RunConfig
+from edge_inspect.trainer.data.transforms import fit_image, to_batch
+from edge_inspect.trainer.evaluate import load_head
 from tests.conftest import enrolled
-from trainer.config import RunConfig
-from trainer.data.transforms import fit_image, to_batch
-from trainer.evaluate import load_head
 
 ALL = ("afclip", "afclip+", "cmad", "cmad+", "memory")
 
@@ -26,10 +26,17 @@ def test_bundle_passes_parity_and_serves(bundles, name):
     assert report["score_max_abs_diff"] <= 1e-4 and report["map_max_abs_diff"] <= 1e-3
     bundle = load_bundle(root)
     m = bundle.manifest
-    assert m["input"]["dtype"] == "uint8" and m["input"]["layout"] == "NHWC"
+    assert m["schema_version"] == 2 and bundle.schema_read == 2
+    (plane,) = m["inputs"]
+    assert plane["dtype"] == "uint8" and plane["layout"] == "NHWC" and plane["modality"] == "rgb"
+    assert {o["name"]: o["role"] for o in m["outputs"]}.items() >= {"image_score": "score",
+                                                                     "anomaly_map": "map"}.items()
+    assert m["state"] == []
     assert set(m["files"]) >= {"model.onnx", "parity.json"}
     few = name.endswith("+") or name == "memory"
     assert bool(bundle.memory) == few and (m["threshold"] is not None) == few
+    if few:  # the enrollment recipe comes from the method's spec, not from the trainer config
+        assert m["memory"]["recipe"]["kind"] == ("patch_memory" if name == "memory" else "bank_per_set")
     import onnx
 
     model = onnx.load(str(bundle.model_path))
@@ -40,7 +47,7 @@ def test_bundle_passes_parity_and_serves(bundles, name):
     engine = open_engine(bundle)
     h, w, _ = bundle.image.shape
     frames = np.random.default_rng(0).integers(0, 256, (3, h, w, 3), dtype=np.uint8)
-    out = engine.infer(frames)
+    out = engine.infer({"image": frames})
     assert out["image_score"].shape == (3,) and out["anomaly_map"].shape == (3, h, w)
 
 
@@ -57,7 +64,7 @@ def test_engine_matches_torch_on_new_frames(runs, bundles, name):
     pictures = [fit_image(ds[i].image, size, cfg.fit_mode) for i in (1, 3, 4)]
     with torch.no_grad():
         want_score, want_map = head(to_batch(pictures, size, head.backbone.normalization, cfg.fit_mode))
-    out = open_engine(load_bundle(bundles[name])).infer(np.stack(pictures))
+    out = open_engine(load_bundle(bundles[name])).infer({"image": np.stack(pictures)})
     assert np.abs(out["image_score"] - want_score.numpy()).max() <= 1e-4
     assert np.abs(out["anomaly_map"] - want_map.numpy()).max() <= 1e-3
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from runtime.metrics import RuntimeMetrics
+from edge_inspect.runtime.metrics import RuntimeMetrics
 from tests.runtime.test_no_torch import REPO
 
 ALERTS = REPO / "configs" / "prometheus" / "alerts.yaml"

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.bundle import BundleError, load_bundle
-from runtime.engines import EngineError, open_engine
+from edge_inspect.runtime.bundle import BundleError, load_bundle
+from edge_inspect.runtime.engines import EngineError, open_engine
 
 
 @pytest.fixture()
@@ -62,14 +62,18 @@ def test_wrong_input_size_dtype_and_outputs(bundles):
     engine = open_engine(bundle)
     h, w, _ = bundle.image.shape
     with pytest.raises(BundleError, match=rf"needs \(batch, {h}, {w}, 3\)"):
-        engine.infer(np.zeros((1, h + 8, w, 3), np.uint8))
+        engine.infer({"image": np.zeros((1, h + 8, w, 3), np.uint8)})
     with pytest.raises(BundleError, match="needs dtype uint8"):
-        engine.infer(np.zeros((1, h, w, 3), np.float32))
+        engine.infer({"image": np.zeros((1, h, w, 3), np.float32)})
     with pytest.raises(BundleError, match="numpy array"):
-        engine.infer([[0]])
+        engine.infer({"image": [[0]]})
+    with pytest.raises(BundleError, match="must be a mapping"):
+        engine.infer(np.zeros((1, h, w, 3), np.uint8))
+    with pytest.raises(BundleError, match=r"missing planes \['image'\], unknown \['depth'\]"):
+        engine.infer({"depth": np.zeros((1, h, w, 1), np.uint8)})
     with pytest.raises(EngineError, match="no outputs"):
-        engine.infer(np.zeros((1, h, w, 3), np.uint8), ["heatmap"])
-    single = engine.infer(np.zeros((h, w, 3), np.uint8))  # one frame without a batch axis
+        engine.infer({"image": np.zeros((1, h, w, 3), np.uint8)}, ["heatmap"])
+    single = engine.infer({"image": np.zeros((h, w, 3), np.uint8)})  # one frame without a batch axis
     assert single["image_score"].shape == (1,)
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.bundle import load_bundle
-from runtime.engines import open_engine
+from edge_inspect.runtime.bundle import load_bundle
+from edge_inspect.runtime.engines import open_engine
+from edge_inspect.trainer.config import RunConfig
+from edge_inspect.trainer.data.transforms import fit_image, to_batch
+from edge_inspect.trainer.evaluate import load_head
 from tests.conftest import enrolled
 from tests.runtime.test_no_torch import run_blocked
-from trainer.config import RunConfig
-from trainer.data.transforms import fit_image, to_batch
-from trainer.evaluate import load_head
 
 
 def _normal_folder(runs, method, folder, count):
@@ -34,7 +34,7 @@ def test_enroll_without_torch_matches_torch(runs, bundles, tmp_path, name, metho
     cfg = _normal_folder(runs, method, tmp_path / "normals", count)
     out = tmp_path / "enrolled"
     proc = run_blocked(f"""
-        from runtime.cli import main
+        from edge_inspect.runtime.cli import main
         import sys
         code = main(["enroll", "--bundle", r"{bundles[name]}", "--normal-dir", r"{tmp_path / 'normals'}",
                      "--shots", "{shots}", "--out", r"{out}", "--false-alarm-rate", "0.05"])
@@ -65,7 +65,7 @@ def test_enroll_without_torch_matches_torch(runs, bundles, tmp_path, name, metho
     frames = np.stack([fit_image(cv2.imread(str(p))[..., ::-1], size, cfg.fit_mode) for p in others])
     with torch.no_grad():
         want_score, _ = head(to_batch(list(frames), size, head.backbone.normalization, cfg.fit_mode))
-    got_score = open_engine(new).infer(frames)["image_score"]
+    got_score = open_engine(new).infer({"image": frames})["image_score"]
     assert np.abs(got_score - want_score.numpy()).max() <= 1e-3
     t = new.manifest["threshold"]
     assert t["method"] == "normal_false_alarm_rate" and t["target_false_alarm_rate"] == 0.05
@@ -73,8 +73,8 @@ def test_enroll_without_torch_matches_torch(runs, bundles, tmp_path, name, metho
 
 
 def test_enroll_refuses_zero_shot_bundles_and_too_few_images(bundles, tmp_path):
-    from runtime.bundle import BundleError
-    from runtime.enroll import enroll
+    from edge_inspect.runtime.bundle import BundleError
+    from edge_inspect.runtime.enroll import enroll
 
     folder = tmp_path / "few"
     folder.mkdir()

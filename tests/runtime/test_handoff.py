@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from runtime.handoff import FrameHandoff
+from edge_inspect.runtime.handoff import FrameHandoff
 
 
 def test_every_part_keeps_order_and_blocks_when_full():

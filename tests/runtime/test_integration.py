@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from runtime.serve import Runtime, RuntimeConfig
-from runtime.transport.sockets import Receiver, Sender, TransportConfig
-from runtime.transport.wire import decode, encode
+from edge_inspect.runtime.orchestrator import Runtime
+from edge_inspect.runtime.profile import Profile
+from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig
+from edge_inspect.runtime.transport.wire import decode, encode
 
 
 def _value(rt, name, **labels):
@@ -26,9 +27,9 @@ def _wait(cond, timeout=20.0, step=0.05):
 
 
 def _runtime(bundle, tmp_path, mode, cameras, **pipeline):
-    cfg = RuntimeConfig(bundle=str(bundle), mode=mode, endpoint_dir=str(tmp_path / "ep"),
-                        cameras=cameras, http={"port": None}, model_name="m",
-                        pipeline={"max_batch": 4, "camera_timeout_s": 1.0, **pipeline})
+    cfg = Profile.from_dict(dict(bundle=str(bundle), mode=mode, endpoint_dir=str(tmp_path / "ep"),
+                                 cameras=cameras, http={"port": None}, model_name="m",
+                                 pipeline={"max_batch": 4, "camera_timeout_s": 1.0, **pipeline}))
     return Runtime(cfg).start()
 
 

@@ -6,8 +6,8 @@ import urllib.request
 
 import pytest
 
-from runtime.health import HealthServer
-from runtime.metrics import RuntimeMetrics, calibrated_score
+from edge_inspect.runtime.health import HealthServer
+from edge_inspect.runtime.metrics import RuntimeMetrics, calibrated_score
 
 
 def _get(port, path):

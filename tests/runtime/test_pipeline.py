@@ -9,14 +9,24 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.bundle import load_bundle
-from runtime.capture import CaptureStore
-from runtime.engines import open_engine
-from runtime.metrics import RuntimeMetrics
-from runtime.pipeline import Pipeline, PipelineConfig
-from runtime.preprocess import fit_image
-from runtime.transport.sockets import Receiver, Sender, TransportConfig
-from runtime.transport.wire import decode, encode
+from edge_inspect.runtime.bundle import load_bundle
+from edge_inspect.runtime.capture import CaptureStore
+from edge_inspect.runtime.engines import open_engine
+from edge_inspect.runtime.metrics import RuntimeMetrics
+from edge_inspect.runtime.model_slot import ModelSlot
+from edge_inspect.runtime.pipeline import Pipeline, PipelineConfig
+from edge_inspect.runtime.preprocess import fit_image
+from edge_inspect.runtime.sinks import CaptureSink, ResultSocketSink
+from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig
+from edge_inspect.runtime.transport.wire import decode, encode
+
+
+def make_pipeline(bundle, engine, frames: TransportConfig, results: TransportConfig, ctx, metrics=None,
+                  captures=None, name="textile", **options) -> Pipeline:
+    """A pipeline wired as the orchestrator wires it: ZeroMQ receiver, results + capture sinks."""
+    sinks = [ResultSocketSink(Sender(results, ctx))] + ([CaptureSink(captures)] if captures else [])
+    return Pipeline(ModelSlot(bundle, engine, name), Receiver(frames, ctx), sinks,
+                    PipelineConfig(mode=frames.mode, **options), metrics or RuntimeMetrics())
 
 
 @pytest.fixture()
@@ -32,10 +42,9 @@ def _start(bundle_dir, tmp_path, ctx, mode):
     results = (TransportConfig(f"ipc://{tmp_path}/results", mode="every_part", binder="sender",
                                send_timeout_ms=500)
                if mode == "every_part" else TransportConfig(f"ipc://{tmp_path}/results", mode="live"))
-    cfg = PipelineConfig(TransportConfig(f"ipc://{tmp_path}/frames", mode=mode), results,
-                         max_batch=4, heatmap_size=(16, 16), model_name="textile",
-                         captures=CaptureStore(tmp_path / "captures", retain=3))
-    pipe = Pipeline(bundle, open_engine(bundle), cfg, metrics, ctx)
+    pipe = make_pipeline(bundle, open_engine(bundle), TransportConfig(f"ipc://{tmp_path}/frames", mode=mode),
+                         results, ctx, metrics, CaptureStore(tmp_path / "captures", retain=3),
+                         max_batch=4, heatmap_size=(16, 16))
     stop = threading.Event()
     thread = threading.Thread(target=pipe.run, args=(stop,), daemon=True)
     thread.start()
@@ -69,7 +78,8 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
     stop.set()
     thread.join(5)
     size = (bundle.image.height, bundle.image.width)
-    direct = open_engine(bundle).infer(np.stack([fit_image(f, size, bundle.image.fit) for f in frames]))
+    fitted = np.stack([fit_image(f, size, bundle.image.fit) for f in frames])
+    direct = open_engine(bundle).infer({"image": fitted})
     for seq, msg in got.items():
         assert abs(msg.header["score"] - float(direct["image_score"][seq])) < 1e-4
         assert msg.arrays[0].shape == (16, 16) and msg.arrays[0].dtype == np.float16
@@ -119,15 +129,15 @@ class _LostDevice:
     def warmup(self):
         self.engine.warmup()
 
-    def infer(self, batch):
+    def infer(self, *args):
         raise RuntimeError("device lost")
 
 
 def test_an_engine_failure_ends_run_with_the_error_and_stops_every_stage(bundles, tmp_path, ctx):
     bundle = load_bundle(bundles["memory"])
-    cfg = PipelineConfig(TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part"),
-                         TransportConfig(f"ipc://{tmp_path}/results", mode="live"), max_batch=1)
-    pipe = Pipeline(bundle, _LostDevice(open_engine(bundle)), cfg, RuntimeMetrics(), ctx)
+    pipe = make_pipeline(bundle, _LostDevice(open_engine(bundle)),
+                         TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part"),
+                         TransportConfig(f"ipc://{tmp_path}/results", mode="live"), ctx, max_batch=1)
     errors = []
 
     def serve():
@@ -147,14 +157,15 @@ def test_an_engine_failure_ends_run_with_the_error_and_stops_every_stage(bundles
 
 
 def test_runtime_reports_a_failed_pipeline(bundles, tmp_path):
-    from runtime.serve import Runtime, RuntimeConfig
+    from edge_inspect.runtime.orchestrator import Runtime
+    from edge_inspect.runtime.profile import Profile
 
-    cfg = RuntimeConfig(bundle=str(bundles["memory"]), mode="every_part", endpoint_dir=str(tmp_path),
-                        cameras=[{"id": "cam0", "source": "synthetic", "size": [250, 250],
-                                  "fps": 20, "count": 20}], http={"port": None})
+    cfg = Profile.from_dict(dict(bundle=str(bundles["memory"]), mode="every_part", endpoint_dir=str(tmp_path),
+                                 cameras=[{"id": "cam0", "source": "synthetic", "size": [250, 250],
+                                           "fps": 20, "count": 20}], http={"port": None}))
     runtime = Runtime(cfg).start()
     try:
-        runtime.pipeline.engine = _LostDevice(runtime.pipeline.engine)  # before the camera's first frame
+        runtime.pipeline.slot.swap(runtime.bundle, _LostDevice(runtime.pipeline.engine))  # before frame 0
         runtime.check()  # healthy so far
         deadline = time.monotonic() + 15
         while runtime.error is None and time.monotonic() < deadline:
@@ -171,9 +182,9 @@ class _Recording:
     def __init__(self, engine):
         self.engine, self.inputs = engine, []
 
-    def infer(self, images):
-        self.inputs.append(images)
-        return self.engine.infer(images)
+    def infer(self, feeds, outputs=None):
+        self.inputs.append(feeds["image"])
+        return self.engine.infer(feeds, outputs)
 
 
 def test_the_inference_thread_hands_a_single_frame_to_the_engine_without_copying(bundles, tmp_path, ctx):
@@ -182,19 +193,18 @@ def test_the_inference_thread_hands_a_single_frame_to_the_engine_without_copying
     contiguous, and a batch of one reaches the engine as a view of it."""
     bundle = load_bundle(bundles["memory"])
     engine = _Recording(open_engine(bundle))
-    cfg = PipelineConfig(TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part"),
-                         TransportConfig(f"ipc://{tmp_path}/results", mode="live"), max_batch=2)
-    pipe = Pipeline(bundle, engine, cfg, RuntimeMetrics(), ctx)
+    pipe = make_pipeline(bundle, engine, TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part"),
+                         TransportConfig(f"ipc://{tmp_path}/results", mode="live"), ctx, max_batch=2)
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 256, (250, 250, 3), dtype=np.uint8) for _ in range(2)]
     items = [pipe.prepare(decode(encode("frame", "cam0", i, time.monotonic_ns(), [f])), time.monotonic_ns())
              for i, f in enumerate(frames)]
     fitted = [fit_image(f, (bundle.image.height, bundle.image.width), bundle.image.fit) for f in frames]
-    assert items[0].frame.flags.c_contiguous
-    single, _ = pipe.infer(items[:1])
-    assert np.shares_memory(engine.inputs[0], items[0].frame)
+    assert items[0].planes["image"].flags.c_contiguous
+    _, single, _ = pipe.infer(items[:1])
+    assert np.shares_memory(engine.inputs[0], items[0].planes["image"])
     np.testing.assert_array_equal(engine.inputs[0], fitted[0][None])
-    pair, _ = pipe.infer(items)  # a real micro-batch is stacked
+    _, pair, _ = pipe.infer(items)  # a real micro-batch is stacked
     np.testing.assert_array_equal(engine.inputs[1], np.stack(fitted))
     np.testing.assert_allclose(pair["image_score"][:1], single["image_score"], rtol=1e-5)
     pipe.close()

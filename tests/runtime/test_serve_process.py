@@ -31,7 +31,7 @@ def _metric(body, name, **labels):
 
 
 def test_serve_scores_a_camera_and_stops_on_sigterm(bundles, tmp_path):
-    from trainer.data import TextileImages
+    from edge_inspect.trainer.data import TextileImages
 
     folder = tmp_path / "replay"
     folder.mkdir()
@@ -88,23 +88,23 @@ def test_serve_scores_a_camera_and_stops_on_sigterm(bundles, tmp_path):
 
 
 def test_shipped_runtime_profiles_parse():
-    from runtime.serve import RuntimeConfig
+    from edge_inspect.runtime.profile import Profile as RuntimeConfig
 
     profiles = sorted((REPO / "configs" / "runtime").glob("*.yaml"))
     assert profiles
     for path in profiles:
         cfg = RuntimeConfig.from_yaml(path)
-        assert cfg.cameras and cfg.http["host"] == "127.0.0.1"  # loopback by default
+        assert cfg.cameras and cfg.http.host == "127.0.0.1"  # loopback by default
 
 
 def test_runtime_config_errors():
     import pytest
 
-    from runtime.serve import RuntimeConfig
+    from edge_inspect.runtime.profile import Profile as RuntimeConfig
 
     with pytest.raises(ValueError, match="required"):
         RuntimeConfig.from_dict({"cameras": []})
-    with pytest.raises(ValueError, match="unique id"):
+    with pytest.raises(ValueError, match="camera ids must be unique"):
         RuntimeConfig.from_dict({"bundle": "b", "cameras": [{"id": "a", "source": "folder"},
                                                             {"id": "a", "source": "folder"}]})
     with pytest.raises(ValueError, match="source must be"):
@@ -117,8 +117,8 @@ def test_camera_options_are_checked_before_anything_starts(tmp_path, capsys):
     import pytest
     import yaml
 
-    from runtime.cli import main
-    from runtime.serve import SOURCE_OPTIONS, check_source
+    from edge_inspect.runtime.cli import main
+    from edge_inspect.runtime.source_registry import SOURCE_OPTIONS, check_source
 
     with pytest.raises(ValueError, match=r"camera a: unknown synthetic options \['fsp'\]"):
         check_source({"id": "a", "source": "synthetic", "fsp": 5})

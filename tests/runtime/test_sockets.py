@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.transport.sockets import Receiver, Sender, TransportConfig
-from runtime.transport.wire import decode, encode
+from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig
+from edge_inspect.runtime.transport.wire import decode, encode
 
 
 @pytest.fixture()
@@ -81,7 +81,7 @@ def test_curve_rejects_a_client_without_the_right_key(ctx):
         assert (parts is not None) == expect
         tx.close()
     rx.close()
-    from runtime.transport.sockets import stop_authenticators
+    from edge_inspect.runtime.transport.sockets import stop_authenticators
 
     stop_authenticators()
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.sources import CaptureSource, FolderSource, SyntheticSource
+from edge_inspect.runtime.sources import CaptureSource, FolderSource, SyntheticSource
 
 
 def _images(folder, n=5):
@@ -22,15 +22,15 @@ def _images(folder, n=5):
 def test_folder_replay_paces_loops_and_stops(tmp_path):
     folder = _images(tmp_path / "imgs")
     t0 = time.monotonic()
-    frames = list(FolderSource(folder, fps=50))
+    frames = [(planes["rgb"], t) for planes, t in FolderSource(folder, fps=50)]
     assert len(frames) == 5 and frames[0][0].shape == (16, 24, 3)
     assert time.monotonic() - t0 >= 4 / 50 * 0.9  # paced, not a burst
     stamps = [t for _, t in frames]
     assert stamps == sorted(stamps)
     stop = threading.Event()
     looped = []
-    for frame, _ in FolderSource(folder, fps=None, loop=True, stop=stop):
-        looped.append(int(frame[0, 0, 0]))
+    for planes, _ in FolderSource(folder, fps=None, loop=True, stop=stop):
+        looped.append(int(planes["rgb"][0, 0, 0]))
         if len(looped) == 12:
             stop.set()
     assert looped[:6] == [0, 40, 80, 120, 160, 0]
@@ -39,7 +39,7 @@ def test_folder_replay_paces_loops_and_stops(tmp_path):
 
 
 def test_synthetic_frames():
-    frames = list(SyntheticSource((20, 30), fps=None, count=3))
+    frames = [(planes["rgb"], t) for planes, t in SyntheticSource((20, 30), fps=None, count=3)]
     assert len(frames) == 3 and frames[0][0].shape == (20, 30, 3) and frames[0][0].dtype == np.uint8
     assert not np.array_equal(frames[0][0], frames[1][0])
 
@@ -50,7 +50,7 @@ def test_video_file_and_loop(tmp_path):
     for i in range(6):
         writer.write(np.full((24, 32, 3), 30 * i, np.uint8))
     writer.release()
-    frames = list(CaptureSource(str(path)))
+    frames = [(planes["rgb"], t) for planes, t in CaptureSource(str(path))]
     assert len(frames) == 6 and frames[0][0].shape == (24, 32, 3)
     stop = threading.Event()
     n = 0
@@ -109,8 +109,8 @@ def test_stall_watchdog_reconnects_a_stream_that_goes_silent():
                         backoff_s=0.05)
     t0, times = time.monotonic(), []
     try:
-        for frame, _ in src:
-            assert frame.shape == (48, 64, 3)
+        for planes, _ in src:
+            assert planes["rgb"].shape == (48, 64, 3)
             times.append(time.monotonic() - t0)
             if len(times) == 12:
                 break

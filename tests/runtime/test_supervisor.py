@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter
 
-from runtime.supervisor import SourceSupervisor
+from edge_inspect.runtime.supervisor import SourceSupervisor
 
 
 def _exit_with(code: int) -> None:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from runtime.bundle import load_bundle
-from runtime.engines import EngineError, open_engine
-from runtime.engines.ort import provider_list
-from runtime.engines.plan_cache import PlanCache
-from runtime.engines.tensorrt import plan_key, profile_shapes
+from edge_inspect.runtime.bundle import load_bundle
+from edge_inspect.runtime.engines import EngineError, open_engine
+from edge_inspect.runtime.engines.ort import provider_list
+from edge_inspect.runtime.engines.plan_cache import PlanCache
+from edge_inspect.runtime.engines.tensorrt import plan_key, profile_shapes
 
 
 def _key(bundle, **changes):

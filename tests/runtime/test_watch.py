@@ -5,9 +5,9 @@ import time
 
 import numpy as np
 
-from runtime.cli import main
-from runtime.transport.sockets import Sender, TransportConfig
-from runtime.transport.wire import encode
+from edge_inspect.runtime.cli import main
+from edge_inspect.runtime.transport.sockets import Sender, TransportConfig
+from edge_inspect.runtime.transport.wire import encode
 
 
 def test_watch_shows_cameras(tmp_path, capsys):

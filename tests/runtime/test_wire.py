@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime.transport.wire import WIRE_VERSION, MalformedMessage, decode, encode
+from edge_inspect.runtime.transport.wire import WIRE_VERSION, MalformedMessage, decode, encode
 
 
 def _parts(**extra):

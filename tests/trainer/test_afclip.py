@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.backbones import BackboneSpec, build_clip
-from trainer.config import RunConfig
-from trainer.heads.afclip import AfClipConfig, AfClipHead, AttentionAdapter, GaussianAggregation
-from trainer.losses import patch_alignment_loss
+from edge_inspect.trainer.backbones import BackboneSpec, build_clip
+from edge_inspect.trainer.config import RunConfig
+from edge_inspect.trainer.heads.afclip import AfClipConfig, AfClipHead, AttentionAdapter, GaussianAggregation
+from edge_inspect.trainer.losses import patch_alignment_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,8 +115,8 @@ def test_afclip_plus_memory_equals_brute_force():
 
 def test_training_on_planted_defects_reaches_pixel_auroc(tmp_path):
     """Issue 3: AF-CLIP training drives pixel AUROC >= 0.9 within 2 CPU minutes."""
-    from trainer.evaluate import evaluate_run
-    from trainer.fit import train
+    from edge_inspect.trainer.evaluate import evaluate_run
+    from edge_inspect.trainer.fit import train
 
     cfg = RunConfig.from_yaml(ROOT / "configs/afclip/tiny-synthetic.yaml")
     start = time.perf_counter()
@@ -138,7 +138,7 @@ def test_training_on_planted_defects_reaches_pixel_auroc(tmp_path):
 def test_smoothing_matches_scipy(shape):
     from scipy.ndimage import gaussian_filter
 
-    from trainer.smoothing import GaussianSmoothing
+    from edge_inspect.trainer.smoothing import GaussianSmoothing
 
     x = np.random.default_rng(0).random(shape).astype(np.float32)
     got = GaussianSmoothing(4.0)(torch.from_numpy(x)).numpy()

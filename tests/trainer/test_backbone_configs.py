@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.backbones import BackboneSpec, build_backbone
+from edge_inspect.trainer.backbones import BackboneSpec, build_backbone
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs/backbones").glob("*.yaml"))
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.backbones.clip import ClipModel, get_clip_config
-from trainer.backbones.clip_tokenizer import tokenize
-from trainer.backbones.pos_embed import resize_grid_embedding
+from edge_inspect.trainer.backbones.clip import ClipModel, get_clip_config
+from edge_inspect.trainer.backbones.clip_tokenizer import tokenize
+from edge_inspect.trainer.backbones.pos_embed import resize_grid_embedding
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer.backbones.checkpoint_io import WeightsFileError, read_torchscript_state_dict
-from trainer.backbones.clip import ClipModel, get_clip_config
-from trainer.backbones.clip_tokenizer import tokenize
-from trainer.backbones.clip_weights import load_clip
+from edge_inspect.trainer.backbones.checkpoint_io import WeightsFileError, read_torchscript_state_dict
+from edge_inspect.trainer.backbones.clip import ClipModel, get_clip_config
+from edge_inspect.trainer.backbones.clip_tokenizer import tokenize
+from edge_inspect.trainer.backbones.clip_weights import load_clip
 
 ARCH = "tiny-p16-w64"
 
@@ -136,7 +136,7 @@ def test_sharded_hugging_face_folder(tmp_path, reference):
     """Large HF checkpoints come in shards listed by model.safetensors.index.json."""
     import json
 
-    from trainer.backbones.checkpoint_io import read_weights
+    from edge_inspect.trainer.backbones.checkpoint_io import read_weights
 
     model, _, _ = reference
     sd = {k: v.clone() for k, v in model.state_dict().items()}

@@ -7,10 +7,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from edge_inspect.trainer.backbones.clip import get_clip_config  # noqa: E402
+from edge_inspect.trainer.backbones.clip_tokenizer import tokenize  # noqa: E402
+from edge_inspect.trainer.backbones.clip_weights import load_clip  # noqa: E402
 from tests.trainer.hf_reference import randomize_  # noqa: E402
-from trainer.backbones.clip import get_clip_config  # noqa: E402
-from trainer.backbones.clip_tokenizer import tokenize  # noqa: E402
-from trainer.backbones.clip_weights import load_clip  # noqa: E402
 
 TOL = 1e-4
 

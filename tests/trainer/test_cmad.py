@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.backbones import BackboneSpec, build_clip
-from trainer.config import RunConfig
-from trainer.data.batches import BatchLoader
-from trainer.data.synthetic import SyntheticDefects
-from trainer.heads.cmad import CmadConfig, CmadHead, prototype_score, topk_mean
+from edge_inspect.trainer.backbones import BackboneSpec, build_clip
+from edge_inspect.trainer.config import RunConfig
+from edge_inspect.trainer.data.batches import BatchLoader
+from edge_inspect.trainer.data.synthetic import SyntheticDefects
+from edge_inspect.trainer.heads.cmad import CmadConfig, CmadHead, prototype_score, topk_mean
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,8 +89,8 @@ def test_components_and_discrepancy_memory_equal_formulas():
 
 def test_harmonization_favours_the_matching_dataset(tmp_path):
     """Sets trained on stripes and on grain: stripes images weight the stripes set, and back."""
-    from trainer.evaluate import load_head
-    from trainer.fit import train
+    from edge_inspect.trainer.evaluate import load_head
+    from edge_inspect.trainer.fit import train
 
     cfg = RunConfig.from_yaml(ROOT / "configs/cmad/tiny-synthetic.yaml")
     ckpt = train(cfg, tmp_path / "run")

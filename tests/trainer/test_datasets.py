@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from trainer.data import (
+from edge_inspect.trainer.data import (
     DatasetError,
     FolderDataset,
     MVTec3DAD,

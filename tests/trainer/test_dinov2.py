@@ -7,9 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from edge_inspect.trainer.backbones.checkpoint_io import WeightsFileError  # noqa: E402
+from edge_inspect.trainer.backbones.dinov2 import DINOV2_CONFIGS, load_dinov2  # noqa: E402
 from tests.trainer.hf_reference import randomize_  # noqa: E402
-from trainer.backbones.checkpoint_io import WeightsFileError  # noqa: E402
-from trainer.backbones.dinov2 import DINOV2_CONFIGS, load_dinov2  # noqa: E402
 
 TOL = 1e-4
 

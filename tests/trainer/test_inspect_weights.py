@@ -3,9 +3,9 @@
 import torch
 from safetensors.torch import save_file
 
-from runtime.cli import main
-from trainer.backbones.clip import ClipModel, get_clip_config
-from trainer.backbones.dinov2 import DINOV2_CONFIGS, Dinov2Backbone
+from edge_inspect.runtime.cli import main
+from edge_inspect.trainer.backbones.clip import ClipModel, get_clip_config
+from edge_inspect.trainer.backbones.dinov2 import DINOV2_CONFIGS, Dinov2Backbone
 
 
 def test_inspect_clip_and_dinov2(tmp_path, capsys):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
-from trainer.memory import PatchMemory, WindowGaussian
+from edge_inspect.trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
+from edge_inspect.trainer.memory import PatchMemory, WindowGaussian
 
 
 @pytest.mark.parametrize("metric", ["cosine", "standardized"])

@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from trainer.backbones.texture import TextureBackbone
-from trainer.data import TextileImages
-from trainer.data.transforms import to_batch
-from trainer.heads.memory_head import TEXTURE_MEMORY, MemoryHead
-from trainer.metrics import auroc
+from edge_inspect.trainer.backbones.texture import TextureBackbone
+from edge_inspect.trainer.data import TextileImages
+from edge_inspect.trainer.data.transforms import to_batch
+from edge_inspect.trainer.heads.memory import TEXTURE_MEMORY, MemoryHead
+from edge_inspect.trainer.metrics import auroc
 
 
 def _batch(kind, idx, bb):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from trainer.metrics import aupro, auroc, average_precision, evaluate, f1_max
+from edge_inspect.trainer.metrics import aupro, auroc, average_precision, evaluate, f1_max
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import RunConfig
+from edge_inspect.trainer.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("[acm]*/*.yaml"))

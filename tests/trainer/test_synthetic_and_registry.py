@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from trainer.data.registry import DatasetSpec
-from trainer.data.synthetic import SyntheticDefects
-from trainer.data.transforms import fit_mask
+from edge_inspect.trainer.data.registry import DatasetSpec
+from edge_inspect.trainer.data.synthetic import SyntheticDefects
+from edge_inspect.trainer.data.transforms import fit_mask
 
 
 def test_synthetic_is_deterministic_and_masks_match_labels():

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from trainer.backbones.texture import TextureBackbone, gaussian_derivative_bank
-from trainer.data import TextileImages
+from edge_inspect.trainer.backbones.texture import TextureBackbone, gaussian_derivative_bank
+from edge_inspect.trainer.data import TextileImages
 
 
 def test_bank_kernels():

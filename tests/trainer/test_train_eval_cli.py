@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from runtime.cli import main
-from trainer.checkpoint import CheckpointError, load_checkpoint
-from trainer.config import ConfigError, RunConfig
-from trainer.fit import RunDirError, train
+from edge_inspect.runtime.cli import main
+from edge_inspect.trainer.checkpoint import CheckpointError, load_checkpoint
+from edge_inspect.trainer.config import ConfigError, RunConfig
+from edge_inspect.trainer.fit import RunDirError, train
 
 ROOT = Path(__file__).resolve().parents[2]
 CMAD = ROOT / "configs/cmad/tiny-synthetic.yaml"
@@ -48,9 +48,9 @@ def test_resume_continues_to_the_same_parameters(tmp_path, monkeypatch):
     cfg = RunConfig.from_yaml(CMAD, overrides)
     full = load_checkpoint(train(cfg, tmp_path / "full")).params
 
-    from trainer.heads.cmad import CmadHead
+    from edge_inspect.trainer.heads.cmad.train import CmadTraining
 
-    original, calls = CmadHead.loss, {"n": 0}
+    original, calls = CmadTraining.loss, {"n": 0}
 
     def crash_in_second_phase(self, *args):
         calls["n"] += 1
@@ -58,10 +58,10 @@ def test_resume_continues_to_the_same_parameters(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(CmadHead, "loss", crash_in_second_phase)
+    monkeypatch.setattr(CmadTraining, "loss", crash_in_second_phase)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut")
-    monkeypatch.setattr(CmadHead, "loss", original)
+    monkeypatch.setattr(CmadTraining, "loss", original)
     state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
     assert (state["phase"], state["step"]) == (1, 3)
     with pytest.raises(RunDirError, match="--resume"):
@@ -79,7 +79,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="tapz"):
         RunConfig.from_yaml(bad)
     bad.write_text("method: afclip\nbackbone: {kind: texture}\n")
-    with pytest.raises(ConfigError, match="CLIP backbone"):
+    with pytest.raises(ConfigError, match="needs a backbone of kind clip"):
         RunConfig.from_yaml(bad)
     bad.write_text("method: memory\nshots: 0\n")
     with pytest.raises(ConfigError, match="shots >= 1"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.backbones.base import Backbone
+from edge_inspect.trainer.backbones.base import Backbone
 
 KINDS = ("clip", "dinov2", "texture")
 
@@ -56,12 +56,12 @@ def build_backbone(spec: BackboneSpec) -> Backbone:
     if spec.kind not in KINDS:
         raise ValueError(f"backbone kind {spec.kind!r} unknown; choose one of {KINDS}")
     if spec.kind == "texture":
-        from trainer.backbones.texture import TextureBackbone
+        from edge_inspect.trainer.backbones.texture import TextureBackbone
 
         return TextureBackbone(spec.input_size or 256).eval()
     if spec.kind == "clip":
         return build_clip(spec).visual
-    from trainer.backbones.dinov2 import DINOV2_CONFIGS, Dinov2Backbone, load_dinov2
+    from edge_inspect.trainer.backbones.dinov2 import DINOV2_CONFIGS, Dinov2Backbone, load_dinov2
 
     if spec.weights:
         return load_dinov2(Path(spec.weights), spec.arch, spec.input_size)
@@ -73,8 +73,8 @@ def build_backbone(spec: BackboneSpec) -> Backbone:
 
 def build_clip(spec: BackboneSpec):
     """The whole CLIP model (image and text towers) a ``kind: clip`` spec describes."""
-    from trainer.backbones.clip import ClipModel, get_clip_config
-    from trainer.backbones.clip_weights import load_clip
+    from edge_inspect.trainer.backbones.clip import ClipModel, get_clip_config
+    from edge_inspect.trainer.backbones.clip_weights import load_clip
 
     if spec.weights:
         return load_clip(spec.weights, spec.arch, spec.act, spec.input_size, spec.interpolation)

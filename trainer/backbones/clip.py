@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.backbones.base import OPENAI_CLIP_NORM, Backbone
-from trainer.backbones.pos_embed import resize_grid_embedding
+from edge_inspect.trainer.backbones.base import OPENAI_CLIP_NORM, Backbone
+from edge_inspect.trainer.backbones.pos_embed import resize_grid_embedding
 
 
 @dataclass(frozen=True)

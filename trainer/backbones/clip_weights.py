@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.backbones.checkpoint_io import WeightsFileError, check_keys, read_weights
-from trainer.backbones.clip import CLIP_CONFIGS, ClipConfig, ClipModel, get_clip_config
+from edge_inspect.trainer.backbones.checkpoint_io import WeightsFileError, check_keys, read_weights
+from edge_inspect.trainer.backbones.clip import CLIP_CONFIGS, ClipConfig, ClipModel, get_clip_config
 
 log = logging.getLogger(__name__)
 

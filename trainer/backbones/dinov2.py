@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.backbones.base import IMAGENET_NORM, Backbone
-from trainer.backbones.checkpoint_io import WeightsFileError, check_keys, read_weights
-from trainer.backbones.pos_embed import resize_grid_embedding
+from edge_inspect.trainer.backbones.base import IMAGENET_NORM, Backbone
+from edge_inspect.trainer.backbones.checkpoint_io import WeightsFileError, check_keys, read_weights
+from edge_inspect.trainer.backbones.pos_embed import resize_grid_embedding
 
 log = logging.getLogger(__name__)
 

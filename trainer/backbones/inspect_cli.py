@@ -6,7 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.backbones.checkpoint_io import WeightsFileError, is_torchscript_archive, read_weights
+from edge_inspect.trainer.backbones.checkpoint_io import (
+    WeightsFileError,
+    is_torchscript_archive,
+    read_weights,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe_weights(path: Path) -> str:
     """One paragraph: container format, layout, inferred architecture, tensor count."""
-    from trainer.backbones.clip_weights import detect_clip_layout, infer_clip_config, read_clip_state_dict
-    from trainer.backbones.dinov2 import hf_dinov2_to_official, infer_dinov2_config
+    from edge_inspect.trainer.backbones.clip_weights import (
+        detect_clip_layout,
+        infer_clip_config,
+        read_clip_state_dict,
+    )
+    from edge_inspect.trainer.backbones.dinov2 import hf_dinov2_to_official, infer_dinov2_config
 
     raw, hf_config = read_weights(path)
     if path.is_dir():

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer.backbones.base import Backbone, Normalization
+from edge_inspect.trainer.backbones.base import Backbone, Normalization
 
 # Inputs are scaled to [0, 1]: mean 0, std 1 on x / 255.
 UNIT_NORM = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.backbones.base import Normalization
-from trainer.data.sample import RecordDataset, Sample
-from trainer.data.transforms import fit_image, fit_mask, to_batch
+from edge_inspect.trainer.backbones.base import Normalization
+from edge_inspect.trainer.data.sample import RecordDataset, Sample
+from edge_inspect.trainer.data.transforms import fit_image, fit_mask, to_batch
 
 
 @dataclass

@@ -10,7 +10,7 @@ import csv
 from collections.abc import Iterable
 from pathlib import Path
 
-from trainer.data.sample import (
+from edge_inspect.trainer.data.sample import (
     DatasetError,
     Record,
     RecordDataset,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainer.data.datasets import FolderDataset, MVTec3DAD, MVTecAD, TextileImages, VisA
-from trainer.data.sample import RecordDataset
-from trainer.data.synthetic import SyntheticDefects
+from edge_inspect.trainer.data.datasets import FolderDataset, MVTec3DAD, MVTecAD, TextileImages, VisA
+from edge_inspect.trainer.data.sample import RecordDataset
+from edge_inspect.trainer.data.synthetic import SyntheticDefects
 
 KINDS = ("mvtec", "visa", "mvtec3d", "folder", "textile", "synthetic")
 WITH_TRAIN_SPLIT = ("mvtec", "visa", "mvtec3d", "synthetic")

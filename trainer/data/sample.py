@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from runtime.preprocess import IMAGE_SUFFIXES
+from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES
 
 
 class DatasetError(ValueError):
@@ -64,7 +64,7 @@ def require_dir(path: Path, what: str) -> Path:
 
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image as ``(H, W, 3)`` uint8 RGB; gray images are expanded."""
-    from runtime.preprocess import read_rgb as _read
+    from edge_inspect.runtime.preprocess import read_rgb as _read
 
     try:
         return _read(path)

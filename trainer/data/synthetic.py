@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.sample import Record, RecordDataset, Sample
+from edge_inspect.trainer.data.sample import Record, RecordDataset, Sample
 
 STYLES = ("stripes", "grain", "weave")
 

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import torch
 
-from runtime.preprocess import FIT_MODES, fit_image
-from trainer.backbones.base import Normalization
+from edge_inspect.runtime.preprocess import FIT_MODES, fit_image
+from edge_inspect.trainer.backbones.base import Normalization
 
 __all__ = ["FIT_MODES", "fit_image", "fit_mask", "to_batch"]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.backbones.base import Backbone
+from edge_inspect.trainer.backbones.base import Backbone
 
 
 @dataclass
@@ -26,6 +26,29 @@ class TrainPhase:
     epochs: int | None = None
     steps: int | None = None
     context: dict = field(default_factory=dict)
+
+
+class MethodTraining:
+    """How a method trains its head (a method package's ``train.py``): phases and losses.
+
+    Kept apart from the model (``model.py``, the export target) as anomalib keeps a plain
+    torch model apart from its training glue. The default trains nothing (the few-shot
+    memory method).
+    """
+
+    defaults: dict = {}  # the paper's epochs / steps, batch size, lr, betas
+
+    def phases(self, head: AnomalyHead, datasets: list[str], settings: dict) -> list[TrainPhase]:
+        """The phases that train ``head`` on the named auxiliary datasets (none: no training)."""
+        return []
+
+    def begin_phase(self, head: AnomalyHead, phase: TrainPhase,
+                    batches: list[tuple[torch.Tensor, ...]]) -> None:
+        """Called once before a phase's first step with its first batches (data-driven init)."""
+
+    def loss(self, head: AnomalyHead, images: torch.Tensor, labels: torch.Tensor,
+             masks: torch.Tensor, phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{head.method} has nothing to train")
 
 
 class AnomalyHead(nn.Module):
@@ -72,17 +95,6 @@ class AnomalyHead(nn.Module):
                                  "with another backbone or config?")
             with torch.no_grad():
                 own[name].copy_(tensor)
-
-    def training_phases(self, datasets: list[str], settings: dict) -> list[TrainPhase]:
-        """The phases that train this head on the named auxiliary datasets (none: no training)."""
-        return []
-
-    def begin_phase(self, phase: TrainPhase, batches: list[tuple[torch.Tensor, ...]]) -> None:
-        """Called once before a phase's first step with its first batches (data-driven init)."""
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-             phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError(f"{self.method} has nothing to train")
 
     def evaluation_variants(self) -> list[str | None]:
         """Settings the evaluator should run one after another (None: the configured one)."""

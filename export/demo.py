@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_bundle(bundle: Path, shots: int, seed: int) -> tuple[Path, set[str]]:
     """Enroll, calibrate and export the demo model; returns it and the files it has seen."""
-    from export.bundle_writer import export_bundle
-    from trainer.config import RunConfig
-    from trainer.evaluate import evaluate_run
+    from edge_inspect.export.bundle_writer import export_bundle
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.evaluate import evaluate_run
 
     cfg = RunConfig.from_yaml(DEMO_CONFIG, [
         f"shots={shots}", f"seed={seed}", "eval.limit=60", "eval.overlays=0",
@@ -60,7 +60,7 @@ def build_bundle(bundle: Path, shots: int, seed: int) -> tuple[Path, set[str]]:
 
 
 def seen_images(cfg) -> set[str]:
-    from trainer.evaluate import split_normals
+    from edge_inspect.trainer.evaluate import split_normals
 
     spec = cfg.target_data[0]
     test = spec.open()
@@ -69,7 +69,7 @@ def seen_images(cfg) -> set[str]:
 
 
 def stream_set(seen: set[str], per_kind: int, seed: int) -> list[tuple[Path, str]]:
-    from trainer.data import TextileImages
+    from edge_inspect.trainer.data import TextileImages
 
     rng = np.random.default_rng(seed + 1000)
     items = []
@@ -82,10 +82,11 @@ def stream_set(seen: set[str], per_kind: int, seed: int) -> list[tuple[Path, str
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.serve import Runtime, RuntimeConfig
-    from runtime.transport.sockets import Receiver, TransportConfig
-    from runtime.transport.wire import decode
-    from trainer.config import RunConfig
+    from edge_inspect.runtime.orchestrator import Runtime
+    from edge_inspect.runtime.profile import Profile
+    from edge_inspect.runtime.transport.sockets import Receiver, TransportConfig
+    from edge_inspect.runtime.transport.wire import decode
+    from edge_inspect.trainer.config import RunConfig
 
     if args.rebuild or not (args.bundle / "manifest.json").exists():
         if args.bundle.exists():
@@ -103,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"port {args.port} is busy; serving /metrics on a free port instead")
     args.out.mkdir(parents=True, exist_ok=True)
     endpoints = Path(tempfile.mkdtemp(prefix="edge-inspect-demo-"))
-    cfg = RuntimeConfig(
+    cfg = Profile.from_dict(dict(
         bundle=str(args.bundle), mode="live", endpoint_dir=str(endpoints), model_name="textile-demo",
         cameras=[{"id": "textile", "source": "folder", "images": [str(p) for p, _ in items],
                   "fps": args.fps}],
         pipeline={"max_batch": 4, "max_wait_ms": 5, "heatmap_size": [62, 62]},
         captures={"folder": str(args.out / "captures"), "retain": 50},
-        http={"host": "127.0.0.1", "port": port})
+        http={"host": "127.0.0.1", "port": port}), "demo")
     runtime = Runtime(cfg)
     results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000))
     runtime.start()
@@ -168,7 +169,7 @@ def port_free(port: int) -> bool:
 
 
 def summarize(items, got, latency, runtime, threshold, t_first, t_last) -> dict:
-    from trainer.metrics import auroc
+    from edge_inspect.trainer.metrics import auroc
 
     scores = {k: np.array([got[i]["score"] for i in got if items[i][1] == k])
               for k in ("nominal", "local", "global")}

@@ -1,4 +1,6 @@
-"""CMAD: cross-modal anomaly detection with visual prototypes (CVPR 2025; seeds/CMAD.txt).
+"""CMAD: cross-modal anomaly detection with visual prototypes (CVPR 2025; seeds/CMAD.txt):
+the model. Training (Eq. 3-5, prototype initialisation) is in ``train.py``, the
+registration in ``spec.py``.
 
 There is no official code; everything here is from the paper's equations.
 
@@ -28,7 +30,8 @@ variants) | ``set:<name>`` (one set).
 
 Not given in the paper, chosen here and exposed in the config: tau = tau' = 0.07 (CLIP's
 temperature), lambda = lambda' = 0.5, k = 100 pixels, beta = 1, prototypes initialised at
-the class-mean embeddings of the first batches of their dataset (see ``begin_phase``).
+the class-mean embeddings of the first batches of their dataset (``train.py``,
+``CmadTraining.begin_phase``).
 The paper names taps "5, 15, 25" of a 24-block ViT-L; block 25 does not exist, so the
 default is (5, 15, 24). The anomaly map (the paper reports image scores only) is
 the upsampled ``s_l`` zero-shot and ``lambda' s_l + (1 - lambda') q`` few-shot.
@@ -42,10 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.backbones.clip import ClipModel
-from trainer.heads.base import AnomalyHead, BankMemory, TrainPhase
-from trainer.losses import dice_loss, softmax_focal_loss
-from trainer.memory import nearest_cosine_distance
+from edge_inspect.trainer.backbones.clip import ClipModel
+from edge_inspect.trainer.heads.base import AnomalyHead, BankMemory
+from edge_inspect.trainer.memory import nearest_cosine_distance
 
 COMPONENTS = ("both", "global", "local")
 AGGREGATIONS = ("harmonized", "max", "mean", "best")
@@ -65,9 +67,6 @@ class CmadConfig:
     focal_gamma: float = 2.0
     components: str = "both"
     aggregation: str = "harmonized"
-
-
-CMAD_TRAINING = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "betas": (0.9, 0.999)}
 
 
 def prototype_score(f: torch.Tensor, prototypes: torch.Tensor, tau: float) -> torch.Tensor:
@@ -192,70 +191,6 @@ class CmadHead(BankMemory, AnomalyHead):
 
     def set_variant(self, variant: str | None) -> None:
         self._aggregation = self._check_aggregation(variant or self.cfg.aggregation)
-
-    # -- training ------------------------------------------------------------------------------
-    def training_phases(self, datasets: list[str], settings: dict) -> list[TrainPhase]:
-        if list(datasets) != self.set_names:
-            raise ValueError(f"CMAD prototype sets {self.set_names} do not match the auxiliary "
-                             f"datasets {list(datasets)}")
-        return [TrainPhase(f"prototypes:{name}", [name],
-                           [self.global_prototypes, self.local_prototypes],
-                           epochs=settings.get("epochs"), steps=settings.get("steps"),
-                           context={"set": i})
-                for i, name in enumerate(self.set_names)]
-
-    @torch.no_grad()
-    def begin_phase(self, phase: TrainPhase, batches: list[tuple[torch.Tensor, ...]]) -> None:
-        """Start set ``m`` at its dataset's mean normal / abnormal embeddings.
-
-        The paper does not say how prototypes are initialised. Starting from the class means
-        of the dataset's first batches (global: image embeddings by label; local: patch
-        embeddings by mask, all taps) puts each set where its data is, which is what the
-        harmonization weights (Eq. 7-8) rely on; a prototype whose class is absent from
-        those batches keeps its random start.
-        """
-        m = phase.context["set"]
-        g_sum = torch.zeros(2, self.global_prototypes.shape[-1])
-        l_sum = torch.zeros_like(g_sum)
-        g_n, l_n = torch.zeros(2), torch.zeros(2)
-        rows, cols = self.backbone.grid
-        for images, labels, masks in batches:
-            f_g, f_l = self.features(images)
-            f_g = F.normalize(f_g, dim=-1)
-            patch_labels = (F.interpolate(masks.float().unsqueeze(1), size=(rows, cols),
-                                          mode="bilinear", align_corners=False) > 0.5).flatten(1)
-            for c in (0, 1):
-                sel = labels == c
-                g_sum[c] += f_g[sel].sum(0)
-                g_n[c] += sel.sum()
-                for f in f_l:
-                    f = F.normalize(f, dim=-1)
-                    psel = patch_labels == bool(c)
-                    l_sum[c] += f[psel].sum(0)
-                    l_n[c] += psel.sum()
-        for c in (0, 1):
-            if g_n[c]:
-                self.global_prototypes[m, c] = g_sum[c] / g_n[c]
-            if l_n[c]:
-                self.local_prototypes[m, c] = l_sum[c] / l_n[c]
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-             phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. 3-5 for the prototype set of ``phase`` (the other sets get no gradient)."""
-        m = phase.context["set"]
-        with torch.no_grad():
-            f_g, f_l = self.features(images)
-        s_g = prototype_score(f_g, self.global_prototypes[m:m + 1], self.cfg.tau)[:, 0]
-        l_global = F.binary_cross_entropy(s_g.clamp(1e-6, 1 - 1e-6), labels.float())
-        g = masks.float()
-        l_local = s_g.new_zeros(())
-        for f in f_l:
-            s_l = self._upsample(prototype_score(f, self.local_prototypes[m:m + 1], self.cfg.tau)[..., 0])
-            probs = torch.stack([1 - s_l, s_l], dim=1)
-            l_local = l_local + (softmax_focal_loss(probs, g, self.cfg.focal_gamma)
-                                 + dice_loss(1 - s_l, 1 - g) + dice_loss(s_l, g))
-        total = l_global + self.cfg.beta * l_local
-        return total, {"global": l_global.item(), "local": l_local.item()}
 
     # -- few-shot memory (Visual Discrepancy Inference) ----------------------------------------
     def enroll(self, shots: torch.Tensor) -> None:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.backbones.base import Backbone
-from trainer.heads.base import AnomalyHead
-from trainer.memory import PatchMemory, WindowGaussian
+from edge_inspect.trainer.backbones.base import Backbone
+from edge_inspect.trainer.heads.base import AnomalyHead
+from edge_inspect.trainer.memory import PatchMemory, WindowGaussian
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""AF-CLIP and AF-CLIP+ (Fang et al., ACM MM 2025; seeds/AF-CLIP.txt).
+"""AF-CLIP and AF-CLIP+ (Fang et al., ACM MM 2025; seeds/AF-CLIP.txt): the model.
+
+The training phases and losses are in ``train.py``, the registration in ``spec.py``.
 
 Zero-shot path, per the paper (section numbers of seeds/AF-CLIP.txt):
 
@@ -46,12 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.backbones.clip import ClipModel
-from trainer.backbones.clip_tokenizer import tokenize
-from trainer.heads.base import AnomalyHead, BankMemory, TrainPhase
-from trainer.losses import binary_focal_loss, patch_alignment_loss
-from trainer.memory import nearest_cosine_distance
-from trainer.smoothing import GaussianSmoothing
+from edge_inspect.trainer.backbones.clip import ClipModel
+from edge_inspect.trainer.backbones.clip_tokenizer import tokenize
+from edge_inspect.trainer.heads.base import AnomalyHead, BankMemory
+from edge_inspect.trainer.memory import nearest_cosine_distance
+from edge_inspect.trainer.smoothing import GaussianSmoothing
 
 
 @dataclass
@@ -72,9 +73,6 @@ class AfClipConfig:
     map_sigma: float = 4.0
     alpha: float = 0.1
     beta: float = 0.1
-
-
-AFCLIP_TRAINING = {"epochs": 2, "batch_size": 8, "lr": 1e-4, "betas": (0.5, 0.999)}
 
 
 class GaussianAggregation(nn.Module):
@@ -226,28 +224,6 @@ class AfClipHead(BankMemory, AnomalyHead):
         else:
             score, grid_map = p_cls, p_map
         return score, self._to_image(grid_map), features
-
-    # -- training --------------------------------------------------------------------------
-    def training_phases(self, datasets: list[str], settings: dict) -> list[TrainPhase]:
-        params = [self.prompt_context, *self.adapter.parameters()]
-        return [TrainPhase("adapter+prompt", list(datasets), params,
-                           epochs=settings.get("epochs"), steps=settings.get("steps"))]
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-             phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
-        with torch.no_grad():
-            sets = self.token_sets(images)
-        p, z = self.probabilities(sets)
-        rows, cols = self.backbone.grid
-        gt = F.interpolate(masks.float().unsqueeze(1), size=(rows, cols), mode="bilinear",
-                           align_corners=False).flatten(1) > 0.5
-        gt = gt.float()
-        cls = binary_focal_loss(p[:, 0], labels.float(), cfg.focal_gamma)
-        seg = binary_focal_loss(p[:, 1:], gt, cfg.focal_gamma) + (p[:, 1:] - gt).abs().mean()
-        align = torch.stack([patch_alignment_loss(zs[:, 1:], gt) for zs in z]).mean()
-        total = cls + cfg.lambda_seg * seg + cfg.lambda_align * align
-        return total, {"cls": cls.item(), "seg": seg.item(), "align": align.item()}
 
     # -- few-shot memory (AF-CLIP+) --------------------------------------------------------
     def enroll(self, shots: torch.Tensor) -> None:

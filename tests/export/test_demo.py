@@ -2,7 +2,7 @@
 
 import json
 
-from runtime.cli import main
+from edge_inspect.runtime.cli import main
 
 
 def test_demo_streams_and_summarizes(tmp_path, capsys):

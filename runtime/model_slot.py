@@ -1,0 +1,78 @@
+"""The model the pipeline serves, read once per batch so it can be swapped between batches.
+
+A :class:`ModelSlot` holds the current :class:`ServingModel` (bundle, engine, threshold,
+name) and the per-camera state the bundle declares (``manifest.state``: tensors an engine
+carries between frames of one camera). The pipeline takes ``slot.current`` once per batch
+and hands the same object to the publish stage, so a batch is scored, thresholded and
+labelled by one model even if a swap happens meanwhile. :meth:`ModelSlot.swap` replaces the
+model between batches and resets every camera's state (hot reload builds on it).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_inspect.runtime.bundle import Bundle
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    bundle: Bundle
+    engine: object
+    name: str
+    threshold: float | None
+
+    @property
+    def backend(self) -> str:
+        return getattr(self.engine, "backend", "?")
+
+    @property
+    def precision(self) -> str:
+        return getattr(self.engine, "precision", "fp32")
+
+
+class ModelSlot:
+    def __init__(self, bundle: Bundle, engine, name: str | None = None) -> None:
+        self._lock = threading.Lock()
+        self._state: dict[str, dict[str, np.ndarray]] = {}
+        self.current = ServingModel(bundle, engine, name or bundle.name, bundle.threshold)
+
+    def swap(self, bundle: Bundle, engine, name: str | None = None) -> ServingModel:
+        """Serve another model from the next batch on; returns the old one. State resets."""
+        with self._lock:
+            old = self.current
+            self.current = ServingModel(bundle, engine, name or bundle.name, bundle.threshold)
+            self._state.clear()
+            return old
+
+    # -- per-camera state ------------------------------------------------------------------------
+    def state_feeds(self, model: ServingModel, cameras: list[str]) -> dict[str, np.ndarray]:
+        """The state inputs for a batch of ``cameras`` (initial values for a new camera)."""
+        if not model.bundle.state:
+            return {}
+        with self._lock:
+            return {s.input: np.stack([self._state.get(cam, {}).get(s.input, s.initial) for cam in cameras])
+                    for s in model.bundle.state}
+
+    def keep_state(self, model: ServingModel, cameras: list[str], outputs: dict[str, np.ndarray]) -> None:
+        """Store each camera's state outputs as its next state inputs (if ``model`` still serves)."""
+        if not model.bundle.state:
+            return
+        with self._lock:
+            if model is not self.current:  # swapped meanwhile: the old model's state is void
+                return
+            for i, cam in enumerate(cameras):
+                self._state[cam] = {s.input: np.array(outputs[s.output][i]) for s in model.bundle.state}
+
+    def reset_state(self, camera: str | None = None, rule: str = "command") -> None:
+        """Forget one camera's state (or all), when the bundle's reset rules include ``rule``."""
+        with self._lock:
+            if not any(rule in s.reset for s in self.current.bundle.state):
+                return
+            if camera is None:
+                self._state.clear()
+            else:
+                self._state.pop(camera, None)

@@ -1,0 +1,81 @@
+"""Where results go: a list of sinks the pipeline's publish stage hands every result to.
+
+Each sink has ``publish(result)`` (called on the publish thread, never on the engine's)
+and ``close()``. Here: :class:`ResultSocketSink` (``result.<camera>`` messages on the
+results socket, heatmap as float16 payload) and :class:`CaptureSink` (anomalous frames to
+a :class:`~edge_inspect.runtime.capture.CaptureStore`). MQTT, preview and the web monitor
+arrive as further sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_inspect.runtime.capture import CaptureStore
+from edge_inspect.runtime.transport.wire import encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """One scored frame: what every sink receives."""
+
+    camera: str
+    seq: int
+    t_capture_ns: int
+    score: float
+    label: bool
+    threshold: float | None
+    model: str
+    stages: dict[str, float]
+    heatmap: np.ndarray  # float16, downsampled
+    planes: dict[str, np.ndarray] = field(default_factory=dict)  # the fitted frame, by plane
+
+    @property
+    def header(self) -> dict:
+        return {"score": self.score, "label": int(self.label), "threshold": self.threshold,
+                "model": self.model, "stages": self.stages}
+
+
+class ResultSocketSink:
+    """Publishes ``result.<camera>`` on a sender (a stalled every_part consumer is logged)."""
+
+    def __init__(self, sender) -> None:
+        self.sender = sender
+
+    def publish(self, result: Result) -> None:
+        try:
+            self.sender.send(encode("result", result.camera, result.seq, result.t_capture_ns,
+                                    [result.heatmap], **result.header))
+        except TimeoutError as exc:  # an every_part results consumer stalled: keep serving
+            log.warning("result of %s seq %d not delivered: %s", result.camera, result.seq, exc)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+class CaptureSink:
+    """Anomalous frames (frame, heatmap overlay, header) to the capture store."""
+
+    def __init__(self, store: CaptureStore) -> None:
+        self.store = store
+
+    def publish(self, result: Result) -> None:
+        if result.label:  # PNG encoding happens on the store's writer thread
+            frame = result.planes.get("rgb", next(iter(result.planes.values()), None))
+            self.store.submit(result.camera, result.seq, frame, result.heatmap,
+                              {"camera": result.camera, "seq": result.seq,
+                               "t_capture_ns": result.t_capture_ns, **result.header})
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def close(self) -> None:
+        self.store.flush()

@@ -1,0 +1,60 @@
+"""Camera source kinds in one place: which kinds exist, their options, and how to build one.
+
+A kind's options are its constructor's parameters (so the list cannot drift from the
+code); ``path`` is the folder source's name for ``images`` given as a folder. A new kind
+is one entry in :data:`SOURCES`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+from edge_inspect.runtime.sources import CaptureSource, FolderSource, SyntheticSource
+
+SOURCES = {"folder": FolderSource, "capture": CaptureSource, "synthetic": SyntheticSource}
+SOURCE_KINDS = tuple(SOURCES)
+ALIASES = {"folder": {"path": "images"}}  # profile key -> constructor parameter
+REQUIRED = {"capture": ("uri",)}
+
+
+def source_options(kind: str) -> tuple[str, ...]:
+    """A source kind's camera options: its constructor's parameters and their aliases."""
+    names = tuple(n for n in inspect.signature(SOURCES[kind]).parameters if n != "stop")
+    return names + tuple(ALIASES.get(kind, {}))
+
+
+SOURCE_OPTIONS = {kind: source_options(kind) for kind in SOURCE_KINDS}
+
+
+def check_source(cam: dict) -> None:
+    """Build a camera's source once, so a misspelt option or a missing folder or file stops
+    ``serve`` at start with a message naming the camera, instead of killing that camera's
+    process later."""
+    kind, opts = cam["source"], set(cam) - {"id", "source"}
+    unknown = opts - set(SOURCE_OPTIONS[kind])
+    if unknown:
+        raise ValueError(f"camera {cam['id']}: unknown {kind} options {sorted(unknown)}; "
+                         f"allowed: {list(SOURCE_OPTIONS[kind])}")
+    if kind == "folder" and len(opts & {"path", "images"}) != 1:
+        raise ValueError(f"camera {cam['id']}: a folder source needs path or images (one of them)")
+    for key in REQUIRED.get(kind, ()):
+        if key not in opts:
+            raise ValueError(f"camera {cam['id']}: a {kind} source needs {key}")
+    try:
+        make_source(cam, threading.Event())
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"camera {cam['id']}: {exc}") from None
+    except TypeError as exc:  # an option of the wrong type, e.g. size: 5
+        raise ValueError(f"camera {cam['id']}: {exc}") from None
+
+
+def make_source(cam: dict, stop: threading.Event):
+    """The source object for a camera mapping (``id``, ``source`` and its options)."""
+    opts = {k: v for k, v in cam.items() if k not in ("id", "source")}
+    for alias, name in ALIASES.get(cam["source"], {}).items():
+        if alias in opts:
+            opts[name] = opts.pop(alias)
+    if "size" in opts:
+        opts["size"] = tuple(opts["size"])
+    return SOURCES[cam["source"]](stop=stop, **opts)

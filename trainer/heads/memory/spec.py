@@ -1,0 +1,27 @@
+"""Registers the training-free few-shot memory (``method: memory``): any backbone, at
+least one shot; enrollment rebuilds the patch memory and the window Gaussian (recipe
+``patch_memory`` with the head's metric, window and stride)."""
+
+from __future__ import annotations
+
+from edge_inspect.trainer.heads.memory.model import MemoryHead, MemoryHeadConfig
+from edge_inspect.trainer.heads.memory.train import MemoryTraining
+from edge_inspect.trainer.heads.registry import MethodSpec, register
+
+
+def build(cfg) -> MemoryHead:
+    from edge_inspect.trainer.backbones import build_backbone
+
+    return MemoryHead(build_backbone(cfg.backbone), MemoryHeadConfig(**cfg.head_kwargs()))
+
+
+def recipe(head: MemoryHead) -> dict:
+    c = head.cfg
+    return {"kind": "patch_memory", "metric": c.metric, "use_global": c.use_global,
+            "window": c.window, "stride": c.stride, "grid": list(head.backbone.grid)}
+
+
+SPEC = register(MethodSpec(
+    name="memory", config=MemoryHeadConfig, build=build, training=MemoryTraining(),
+    memory_recipe=recipe, min_shots=1,
+    summary="training-free few-shot patch memory + window Gaussian, any backbone"))
