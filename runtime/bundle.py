@@ -444,7 +444,7 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
             top.fail(f"'files' lists {name!r}, not a plain file name inside the bundle folder")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             top.fail(f"'files' gives {name!r} the digest {digest!r}, not a sha256 hex string")
-    model = top.file("model", files)
+    top.file("model", files)  # a plain, checksummed name
     memory_spec = top.get("memory", dict | None, None)
     threshold = top.get("threshold", dict | None, None)
     if threshold is not None:
@@ -483,5 +483,4 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         for cat, raw in spec.get("categories", dict, {}).items():
             categories[cat] = _arrays_file(root, path, _Fields(path, raw, f"memory.categories[{cat!r}]"),
                                            files)
-    del model
     return Bundle(root, manifest, inputs, outputs, memory, state, categories, version)
