@@ -83,7 +83,8 @@ class PipelineVsEngine:
         self.pipeline = Pipeline(ModelSlot(self.bundle, self.bare, "bench"),
                                  Receiver(TransportConfig(f"ipc://{tmp}/frames", mode="every_part")),
                                  [ResultSocketSink(results)],
-                                 PipelineConfig(mode="every_part", max_batch=1, heatmap_size=(64, 64)),
+                                 PipelineConfig(("bench",), mode="every_part", max_batch=1,
+                                                heatmap_size=(64, 64)),
                                  RuntimeMetrics())
         self.results = Receiver(TransportConfig(f"ipc://{tmp}/results", mode="live", hwm=100000))
         self.stop = threading.Event()

@@ -1,48 +1,65 @@
 r"""Anomalous-frame captures on disk: frame PNG, heatmap overlay PNG and header JSON.
 
-Each capture is written into a temporary folder and renamed into place, so a capture is
-either complete or absent (SIGTERM mid-write leaves nothing half-written). Only the newest
-``retain`` captures are kept. The pipeline :meth:`~CaptureStore.submit`\ s captures to a
-writer thread, so PNG encoding stays off the per-frame path; when the writer falls
-``queue_size`` captures behind, new ones are skipped (and logged) instead of stalling
-inference.
+Captures live in one folder per camera, ``<folder>/<camera>/<received>-<seq>/``, named by
+the runtime's own wall clock when the result was submitted (never by the sender's
+``t_capture_ns``, which a sender could set to the far future and so evict every real
+capture); the newest ``retain`` are kept per camera, so no camera evicts another's. Each
+capture is written into a temporary folder and renamed into place, so a capture is either
+complete or absent (SIGTERM mid-write leaves nothing half-written). The pipeline
+:meth:`~CaptureStore.submit`\ s captures to a writer thread, so PNG encoding stays off the
+per-frame path; when the writer falls ``queue_size`` captures behind, new ones are skipped
+and counted (``skipped``, logged at most once a minute) instead of stalling inference.
+Captures are readable by the group (files 0640, folders 0750).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from edge_inspect.runtime.logs import ThrottledLog
+
 log = logging.getLogger(__name__)
 
 
 class CaptureStore:
-    def __init__(self, folder: str | Path = "captures", retain: int = 200, queue_size: int = 32) -> None:
+    def __init__(self, folder: str | Path = "captures", retain: int = 200, queue_size: int = 32,
+                 on_skip=None) -> None:
+        """``on_skip(camera)``: called for every capture skipped because the writer is behind
+        (the runtime counts them in a metric)."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.retain = retain
-        for leftover in self.folder.glob(".tmp-*"):  # from a process killed mid-write
+        for leftover in self.folder.glob("**/.tmp-*"):  # from a process killed mid-write
             shutil.rmtree(leftover, ignore_errors=True)
         self.pending: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.skipped = 0
+        self.on_skip = on_skip
+        self.skip_log = ThrottledLog(log, every_s=60.0)
         self.writer = threading.Thread(target=self._write_loop, name="captures", daemon=True)
         self.writer.start()
 
     def submit(self, camera: str, seq: int, frame: np.ndarray, heatmap: np.ndarray,
                header: dict) -> bool:
-        """Queue a capture for the writer thread; False (skipped) when it is too far behind."""
+        """Queue a capture for the writer thread; False (skipped, counted) when it is too far behind."""
         try:
-            self.pending.put_nowait((camera, seq, frame, heatmap, header))
+            self.pending.put_nowait((camera, seq, frame, heatmap, header, time.time_ns()))
             return True
         except queue.Full:
-            log.warning("capture of %s seq %d skipped: the writer is %d behind", camera, seq,
-                        self.pending.maxsize)
+            self.skipped += 1
+            if self.on_skip is not None:
+                self.on_skip(camera)
+            self.skip_log.warning("skip", "capture of %s seq %d skipped: the writer is %d behind "
+                                  "(a slow disk?)", camera, seq, self.pending.maxsize)
             return False
 
     def flush(self) -> None:
@@ -59,23 +76,30 @@ class CaptureStore:
             finally:
                 self.pending.task_done()
 
-    def save(self, camera: str, seq: int, frame: np.ndarray, heatmap: np.ndarray, header: dict) -> Path:
-        name = f"{header.get('t_capture_ns', 0):020d}-{camera}-{seq:08d}"
-        tmp = self.folder / f".tmp-{name}"
-        tmp.mkdir(exist_ok=True)
+    def save(self, camera: str, seq: int, frame: np.ndarray, heatmap: np.ndarray, header: dict,
+             received_ns: int | None = None) -> Path:
+        received_ns = time.time_ns() if received_ns is None else received_ns
+        folder = self.folder / camera
+        folder.mkdir(mode=0o750, exist_ok=True)
+        name = f"{received_ns:020d}-{seq:08d}"
+        tmp = folder / f".tmp-{name}"
+        tmp.mkdir(mode=0o750, exist_ok=True)
         bgr = np.ascontiguousarray(frame[..., ::-1])
         cv2.imwrite(str(tmp / "frame.png"), bgr)
         heat = cv2.resize(heatmap.astype(np.float32), bgr.shape[1::-1])
         scale = max(float(heat.max()), 1e-12)
         colour = cv2.applyColorMap(np.uint8(255 * np.clip(heat / scale, 0, 1)), cv2.COLORMAP_JET)
         cv2.imwrite(str(tmp / "overlay.png"), cv2.addWeighted(bgr, 0.55, colour, 0.45, 0))
-        (tmp / "header.json").write_text(json.dumps(header, indent=2))
-        final = self.folder / name
+        (tmp / "header.json").write_text(json.dumps({**header, "received_unix_ns": received_ns}, indent=2))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o640)
+        final = folder / name
         tmp.rename(final)
-        self._prune()
+        self._prune(folder)
         return final
 
-    def _prune(self) -> None:
-        kept = sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    def _prune(self, folder: Path) -> None:
+        """Keep the newest ``retain`` captures of one camera (names sort by the runtime's clock)."""
+        kept = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         for old in kept[: max(0, len(kept) - self.retain)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "edge_inspect_"
 STAGES = ("transport", "preprocess", "infer", "postprocess", "publish")
-DROP_REASONS = ("hwm", "stale", "malformed")
+DROP_REASONS = ("hwm", "stale", "malformed", "unknown_camera")
+# The one camera label of frames that name no camera of the profile (or none that decodes):
+# a sender inventing ids must not create series. Profiles may not use it as an id.
+UNATTRIBUTED = "unknown"
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                  0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
@@ -62,6 +65,8 @@ class RuntimeMetrics:
                                registry=r)
         self.source_restarts = Counter(p + "source_restarts", "Camera processes restarted after "
                                        "a crash", ["camera"], registry=r)
+        self.captures_skipped = Counter(p + "captures_skipped", "Anomalous frames not captured "
+                                        "because the capture writer was behind", ["camera"], registry=r)
         self._cameras: dict[tuple[str, str], CameraSeries] = {}
         self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
                                 ["model", "backend", "precision"], registry=r)

@@ -1,34 +1,66 @@
 """Starts and stops a runtime: camera processes, the pipeline and the health server.
 
 It wires the parts the pipeline itself never builds: the frame receiver (ZeroMQ; one SUB
-dialling every camera's PUB in ``live``, one bound PULL in ``every_part``), the model slot
-(bundle + engine), the sinks (results socket, captures) and the metrics. The pipeline
-exists (and is warm) before any camera sends. SIGTERM or Ctrl-C (handled by the CLI) stop
-everything: the sources at their next frame, the pipeline after its current batch;
-children still running after the grace period are killed.
+dialling every camera's PUB in ``live``, one bound PULL in ``every_part``, with
+``MAXMSGSIZE`` from the bundle's largest plane), the model slot (bundle + engine), the sinks
+(results socket, captures) and the metrics. The pipeline exists (and is warm) before any
+camera sends. tcp endpoints use CURVE when the profile has a ``security`` section: the
+runtime binds with its server key and accepts the listed client keys plus a key pair it
+makes for its own camera processes at start. One runtime per ``endpoint_dir`` and per
+captures folder (a lock). SIGTERM or Ctrl-C (handled by the CLI) stop everything: the
+sources at their next frame, the pipeline after its current batch; children still running
+after the grace period are killed; children of a runtime killed outright die with it.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
-from pathlib import Path
 
-from edge_inspect.runtime.bundle import load_bundle
-from edge_inspect.runtime.camera_process import camera_process
+import numpy as np
+import zmq
+from prometheus_client.core import CounterMetricFamily
+
+from edge_inspect.runtime.bundle import Bundle, load_bundle
+from edge_inspect.runtime.camera_process import SOURCE_EVENTS, SourceEvents, camera_process
 from edge_inspect.runtime.capture import CaptureStore
+from edge_inspect.runtime.keys import CurveKeys, load_server_keys
+from edge_inspect.runtime.locks import FolderLock
 from edge_inspect.runtime.metrics import RuntimeMetrics
 from edge_inspect.runtime.model_slot import ModelSlot
 from edge_inspect.runtime.pipeline import Pipeline, PipelineConfig
 from edge_inspect.runtime.profile import Profile
 from edge_inspect.runtime.sinks import CaptureSink, ResultSocketSink
-from edge_inspect.runtime.source_registry import check_source
+from edge_inspect.runtime.source_registry import EXTERNAL, check_source, is_finite
 from edge_inspect.runtime.supervisor import SourceSupervisor
-from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig
+from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig, stop_authenticators
 
 log = logging.getLogger(__name__)
+
+
+def frame_limit_bytes(bundle: Bundle, max_frame_pixels: int) -> int:
+    """The largest frame part the runtime reads: ``max_frame_pixels`` x the largest bytes per
+    pixel of the bundle's input planes (plus room for a small header part)."""
+    per_pixel = max(p.channels * np.dtype(p.dtype).itemsize for p in bundle.inputs)
+    return max(max_frame_pixels * per_pixel, 64 * 1024)
+
+
+class SourceEventsCollector:
+    """``edge_inspect_source_events_total{camera,event}`` from the cameras' shared counters."""
+
+    def __init__(self, events: dict[str, SourceEvents]) -> None:
+        self.events = events
+
+    def collect(self):
+        family = CounterMetricFamily("edge_inspect_source_events", "Events inside camera processes: "
+                                     f"{', '.join(SOURCE_EVENTS)}", labels=["camera", "event"])
+        for cam, counters in self.events.items():
+            for event, n in counters.counts().items():
+                family.add_metric([cam, event], n)
+        yield family
 
 
 class Runtime:
@@ -39,17 +71,31 @@ class Runtime:
         self.cameras = [c.as_dict() for c in cfg.cameras]
         for cam in self.cameras:
             check_source(cam)
-        Path(cfg.endpoint_dir).mkdir(parents=True, exist_ok=True)
         self.bundle = load_bundle(cfg.bundle)
+        self.curve: CurveKeys | None = None
+        if cfg.security is not None:
+            self.curve = load_server_keys(cfg.security.server_key, cfg.security.client_keys)
+            if not cfg.tcp_endpoints:
+                log.warning("security is set but no endpoint is tcp; ipc endpoints are guarded by "
+                            "the permissions of %s", cfg.endpoint_dir)
+        elif cfg.tcp_endpoints:
+            log.warning("tcp endpoints %s take anyone's messages; add a security section to the "
+                        "profile (`edge-inspect keys`)", cfg.tcp_endpoints)
+        self.own_public, self.own_secret = zmq.curve_keypair()  # this runtime's camera processes
+        self.max_frame_bytes = frame_limit_bytes(self.bundle, cfg.pipeline.max_frame_pixels)
         self.metrics = RuntimeMetrics()
-        p = cfg.pipeline
-        self.pipeline_cfg = PipelineConfig(cfg.mode, p.max_batch, p.max_wait_ms, p.heatmap_size,
-                                           p.camera_timeout_s, [c.id for c in cfg.cameras])
-        self.stop = threading.Event()
         self.mp = mp.get_context("spawn")
-        self.supervisor = SourceSupervisor(self._spawn_source, self.cameras, self.metrics.source_restarts)
+        self.processed = [c for c in self.cameras if c["source"] != EXTERNAL]  # run as processes
+        self.events = {c["id"]: SourceEvents(self.mp) for c in self.processed}
+        self.metrics.registry.register(SourceEventsCollector(self.events))
+        p = cfg.pipeline
+        self.pipeline_cfg = PipelineConfig(tuple(c.id for c in cfg.cameras), cfg.mode, p.max_batch,
+                                           p.max_wait_ms, p.heatmap_size, p.camera_timeout_s)
+        self.stop = threading.Event()
+        self.supervisor = SourceSupervisor(self._spawn_source, self.processed, self.metrics.source_restarts)
         self.pipeline: Pipeline | None = None
         self.health = None
+        self.locks: list[FolderLock] = []
         self.error: BaseException | None = None  # why the pipeline thread ended, if it failed
 
     @property
@@ -57,33 +103,72 @@ class Runtime:
         """The current process of every camera (a restarted camera has a new one)."""
         return self.supervisor.processes
 
+    def _curve(self, endpoint: str) -> bool:
+        return self.curve is not None and endpoint.startswith("tcp://")
+
+    def _camera_transport(self, endpoint: str) -> dict:
+        """CURVE settings of a camera process's sender (empty without security or on ipc)."""
+        if not self._curve(endpoint):
+            return {}
+        if self.cfg.mode == "every_part":  # the runtime's PULL is the server
+            return {"curve_server_public": self.curve.server_public,
+                    "curve_client_secret": self.own_secret, "curve_client_public": self.own_public}
+        return {"curve_server_secret": self.curve.server_secret,  # live: the camera's PUB binds
+                "curve_server_public": self.curve.server_public, "curve_client_keys": [self.own_public]}
+
     def _spawn_source(self, cam: dict) -> mp.Process:
+        endpoint = self.cfg.frames_endpoint(cam["id"])
         proc = self.mp.Process(target=camera_process, name=f"source-{cam['id']}", daemon=True,
-                               args=(cam, self.cfg.frames_endpoint(cam["id"]), self.cfg.mode))
+                               args=(cam, endpoint, self.cfg.mode, os.getpid(), self.events[cam["id"]],
+                                     self.max_frame_bytes, self._camera_transport(endpoint)))
         proc.start()
         return proc
 
     def _frame_receiver(self) -> Receiver:
         endpoints = [self.cfg.frames_endpoint(c.id) for c in self.cfg.cameras]
+        keys: dict = {}
+        if self._curve(endpoints[0]):
+            keys = ({"curve_server_secret": self.curve.server_secret,
+                     "curve_server_public": self.curve.server_public,
+                     "curve_client_keys": [*self.curve.clients, self.own_public]}
+                    if self.cfg.mode == "every_part" else
+                    {"curve_server_public": self.curve.server_public,
+                     "curve_client_secret": self.own_secret, "curve_client_public": self.own_public})
+        cfg = TransportConfig(endpoints[0], mode=self.cfg.mode, max_message_bytes=self.max_frame_bytes,
+                              **keys)
         if self.cfg.mode == "every_part":
-            return Receiver(TransportConfig(endpoints[0], mode="every_part"))
-        return Receiver(TransportConfig(endpoints[0], mode="live"), also_connect=endpoints[1:])
+            return Receiver(cfg)
+        return Receiver(cfg, also_connect=endpoints[1:])
 
     def _sinks(self) -> list:
-        results = Sender(TransportConfig(self.cfg.results_endpoint, mode="live", hwm=1000))  # small messages
+        endpoint = self.cfg.results_endpoint
+        keys = ({"curve_server_secret": self.curve.server_secret,
+                 "curve_server_public": self.curve.server_public, "curve_client_keys": self.curve.clients}
+                if self._curve(endpoint) else {})
+        results = Sender(TransportConfig(endpoint, mode="live", hwm=1000, **keys))  # small messages
         sinks: list = [ResultSocketSink(results)]
         if self.cfg.captures is not None:
-            sinks.append(CaptureSink(CaptureStore(self.cfg.captures.folder, self.cfg.captures.retain)))
+            skipped = self.metrics.captures_skipped
+            store = CaptureStore(self.cfg.captures.folder, self.cfg.captures.retain,
+                                 on_skip=lambda cam: skipped.labels(cam).inc())
+            sinks.append(CaptureSink(store))
         return sinks
 
     def start(self) -> Runtime:
         from edge_inspect.runtime.engines import open_engine
         from edge_inspect.runtime.health import HealthServer
 
-        engine = open_engine(self.bundle, self.cfg.backend, **self.cfg.backend_options)
-        slot = ModelSlot(self.bundle, engine, self.cfg.model_name)
-        self.pipeline = Pipeline(slot, self._frame_receiver(), self._sinks(), self.pipeline_cfg,
-                                 self.metrics)
+        self.locks.append(FolderLock(self.cfg.endpoint_dir, "endpoint_dir"))
+        try:
+            if self.cfg.captures is not None:
+                self.locks.append(FolderLock(self.cfg.captures.folder, "captures folder"))
+            engine = open_engine(self.bundle, self.cfg.backend, **self.cfg.backend_options)
+            slot = ModelSlot(self.bundle, engine, self.cfg.model_name)
+            self.pipeline = Pipeline(slot, self._frame_receiver(), self._sinks(), self.pipeline_cfg,
+                                     self.metrics)
+        except BaseException:
+            self._release()
+            raise
         self.pipeline.warmup()
         http = self.cfg.http
         if http.port is not None:
@@ -92,7 +177,8 @@ class Runtime:
                                            http.port).start()
             except OSError as exc:
                 self.pipeline.close()
-                raise ValueError(f"cannot serve /metrics on {http.host}:{http.port} ({exc}); "
+                self._release()
+                raise ValueError(f"cannot serve /metrics on {http.host}:{http.port} ({exc.strerror or exc}); "
                                  "choose another http.port (0 picks a free one)") from None
         self.supervisor.start_all()
         self.supervisor_thread = threading.Thread(target=self.supervisor.run, args=(self.stop,),
@@ -114,18 +200,35 @@ class Runtime:
         if self.error is not None:
             raise RuntimeError(f"the pipeline stopped: {type(self.error).__name__}: {self.error}")
 
-    def sources_done(self) -> bool:
-        """Every camera ended cleanly (a crashed one is restarted, so it is not done)."""
-        return all(not p.is_alive() and p.exitcode == 0 for p in self.processes.values())
+    def sources_ended(self) -> tuple[bool, str | None]:
+        """(all camera processes have ended, why that is a failure or None when it is not).
 
-    def shutdown(self, grace_s: float = 1.5) -> None:
+        A runtime with an ``external`` camera never ends by itself. Finite replays ending
+        is a normal end; a live source that gave up, or one that ended without being
+        finite, is not.
+        """
+        if len(self.processed) != len(self.cameras) or not self.processes:
+            return False, None
+        running = any(p.is_alive() or p.exitcode is None for p in self.processes.values())
+        if running or self.supervisor.pending():
+            return False, None
+        problems = [f"camera {cam['id']} ended (exit code {self.processes[cam['id']].exitcode})"
+                    for cam in self.processed
+                    if self.processes[cam["id"]].exitcode != 0 or not is_finite(cam)]
+        return True, "; ".join(problems) or None
+
+    def sources_done(self) -> bool:
+        """Every camera process has ended on purpose (a crashed one is restarted)."""
+        return self.sources_ended()[0]
+
+    def shutdown(self, grace_s: float = 1.0) -> None:
         self.stop.set()
         self.supervisor.stop()  # no restart from here on
-        if getattr(self, "supervisor_thread", None) is not None:
-            self.supervisor_thread.join(1)
         for proc in self.processes.values():
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: the source stops at its next frame
+        if getattr(self, "supervisor_thread", None) is not None:
+            self.supervisor_thread.join(1)
         deadline = time.monotonic() + grace_s
         for proc in self.processes.values():
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -139,3 +242,10 @@ class Runtime:
             self.pipeline.close()
         if self.health is not None:
             self.health.stop()
+        stop_authenticators()
+        self._release()
+
+    def _release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks.clear()

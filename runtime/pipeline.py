@@ -36,13 +36,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from edge_inspect.runtime.handoff import FrameHandoff
-from edge_inspect.runtime.metrics import RuntimeMetrics, calibrated_score
+from edge_inspect.runtime.logs import ThrottledLog
+from edge_inspect.runtime.metrics import UNATTRIBUTED, RuntimeMetrics, calibrated_score
 from edge_inspect.runtime.model_slot import ModelSlot, ServingModel
 from edge_inspect.runtime.preprocess import fit_image
 from edge_inspect.runtime.sinks import Result
@@ -53,12 +54,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineConfig:
+    """``cameras``: the only ids frames are scored from (the profile's); a frame naming any
+    other is dropped as ``unknown_camera`` under one fixed label, so no sender can create
+    series or state by inventing ids."""
+
+    cameras: tuple[str, ...]
     mode: str = "live"  # live | every_part (the frame transport's delivery mode)
     max_batch: int = 4
     max_wait_ms: float = 5.0
     heatmap_size: tuple[int, int] | None = (64, 64)
     camera_timeout_s: float = 5.0
-    expected_cameras: list[str] = field(default_factory=list)
+    max_fps: float = 1000.0  # a seq gap beyond what a camera could send at this rate is a restart
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cameras, str) or not self.cameras:
+            raise ValueError(f"PipelineConfig.cameras must list camera ids, got {self.cameras!r}")
+        self.cameras = tuple(self.cameras)
 
 
 @dataclass
@@ -77,8 +88,10 @@ class Pipeline:
     def __init__(self, slot: ModelSlot, frames, sinks: list, cfg: PipelineConfig,
                  metrics: RuntimeMetrics) -> None:
         self.slot, self.receiver, self.sinks, self.cfg, self.metrics = slot, frames, list(sinks), cfg, metrics
-        self.last_seq: dict[str, int] = {}
+        self.known = frozenset(cfg.cameras)
+        self.last_seq: dict[str, int] = {}  # keys: profile cameras only
         self.last_seen: dict[str, float] = {}
+        self.restart_log = ThrottledLog(log, every_s=60.0)
         self.warm = False
         self.frames_done = 0
         self.handoff = FrameHandoff(latest_wins=cfg.mode == "live", capacity=cfg.max_batch)
@@ -97,7 +110,7 @@ class Pipeline:
     def ready(self) -> dict[str, bool]:
         now = time.monotonic()
         checks = {"engine_warm": self.warm}
-        for cam in self.cfg.expected_cameras or list(self.last_seen):
+        for cam in self.cfg.cameras:
             checks[f"camera_{cam}_fresh"] = now - self.last_seen.get(cam, -1e9) < self.cfg.camera_timeout_s
         return checks
 
@@ -109,27 +122,41 @@ class Pipeline:
 
     # -- receive -----------------------------------------------------------------------------
     def _decode(self, parts: list) -> Message | None:
+        """A frame of a profile camera, or None (counted): whatever a message holds, nothing
+        it carries may raise out of here, add series or move counters without bound."""
         try:
             msg = decode(parts)
         except MalformedMessage as exc:
-            camera = "unknown"
             log.debug("malformed message dropped: %s", exc.reason)
-            self.metrics.drop(camera, "malformed")
+            self.metrics.drop(UNATTRIBUTED, "malformed")
             return None
-        if msg.kind != "frame" or not self._planes_fit(msg):
-            self.metrics.drop(msg.camera, "malformed")
+        except Exception:  # noqa: BLE001 - a decoder bug must cost one message, not the service
+            log.exception("message dropped: the decoder failed on it")
+            self.metrics.drop(UNATTRIBUTED, "malformed")
             return None
         cam = msg.camera
+        if cam not in self.known:
+            self.metrics.drop(UNATTRIBUTED, "unknown_camera")
+            return None
+        if msg.kind != "frame" or not self._planes_fit(msg):
+            self.metrics.drop(cam, "malformed")
+            return None
         series = self.metrics.camera(cam, self.slot.current.name)
         series.received.inc()
         series.last_frame.set(time.time())
         series.up.set(1)
-        self.last_seen[cam] = time.monotonic()
-        prev = self.last_seq.get(cam)
+        now = time.monotonic()
+        prev, seen = self.last_seq.get(cam), self.last_seen.get(cam, now)
+        self.last_seen[cam] = now
         if prev is not None and msg.seq > prev + 1:
-            self.metrics.drop(cam, "hwm", msg.seq - prev - 1)
+            gap = msg.seq - prev - 1
+            if gap <= self.cfg.max_fps * (now - seen + 1.0):
+                self.metrics.drop(cam, "hwm", gap)
+            else:  # more frames than the camera could have sent: a new sequence, not losses
+                self.restart_log.info(cam, "camera %s: seq jumped from %d to %d; taken as a restart "
+                                      "of its sequence", cam, prev, msg.seq)
         elif prev is not None and msg.seq <= prev:
-            log.info("camera %s restarted its sequence (%d after %d)", cam, msg.seq, prev)
+            self.restart_log.info(cam, "camera %s restarted its sequence (%d after %d)", cam, msg.seq, prev)
         self.last_seq[cam] = msg.seq
         return msg
 
@@ -138,7 +165,7 @@ class Pipeline:
         and dtype, and all of the frame's planes have one size."""
         planes = msg.planes
         sizes = {a.shape[:2] for a in planes.values()}
-        if len(sizes) != 1:
+        if len(sizes) != 1 or any(a.ndim != 3 or 0 in a.shape for a in planes.values()):
             return False
         for p in self.bundle.inputs:
             a = planes.get(p.modality)
@@ -179,8 +206,8 @@ class Pipeline:
             fitted = {p.name: np.ascontiguousarray(fit_image(planes[p.modality], (p.height, p.width),
                                                              p.fit, p.interpolation))
                       for p in self.bundle.inputs}
-        except ValueError as exc:
-            if msg.camera not in self._warned_unfit:
+        except Exception as exc:  # noqa: BLE001 - ValueError (too small), or cv2 on odd input
+            if msg.camera not in self._warned_unfit:  # profile cameras only: bounded
                 log.warning("camera %s: %s (frames dropped as malformed)", msg.camera, exc)
                 self._warned_unfit.add(msg.camera)
             self.metrics.drop(msg.camera, "malformed")

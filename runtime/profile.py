@@ -16,9 +16,14 @@ Profile YAML::
       - {id: cam0, source: folder, path: replay/, fps: 20, loop: true}
       - {id: cam1, source: capture, uri: "rtsp://10.0.0.5/stream", stall_s: 5}
       - {id: cam2, source: synthetic, size: [480, 640], fps: 30}
-    pipeline: {max_batch: 4, max_wait_ms: 5, heatmap_size: [64, 64], camera_timeout_s: 5}
-    captures: {folder: captures, retain: 200}
+      - {id: cam3, source: external}    # sent by another machine to `frames` (every_part, tcp)
+    pipeline: {max_batch: 4, max_wait_ms: 5, heatmap_size: [64, 64], camera_timeout_s: 5,
+               max_frame_pixels: 16777216}   # larger frame parts are refused (ZeroMQ MAXMSGSIZE)
+    captures: {folder: captures, retain: 200}   # retain: per camera
     http: {host: 127.0.0.1, port: 9108}
+    security:                           # CURVE on every tcp endpoint the runtime binds
+      server_key: keys/server.key_secret   # from `edge-inspect keys --name server`
+      client_keys: keys/clients/           # public keys (*.key) allowed to connect
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from pathlib import Path
 
 import yaml
 
+from edge_inspect.runtime.metrics import UNATTRIBUTED
 from edge_inspect.runtime.transport.sockets import MODES
+from edge_inspect.runtime.transport.wire import CAMERA_ID
 
 
 class ProfileError(ValueError):
@@ -63,9 +70,11 @@ class PipelineSection:
     max_wait_ms: float = 5.0
     heatmap_size: tuple[int, int] | None = (64, 64)
     camera_timeout_s: float = 5.0
+    max_frame_pixels: int = 4096 * 4096  # x the bundle's largest bytes per pixel = MAXMSGSIZE
 
     def check(self, where: str) -> PipelineSection:
         self.max_batch = _number(f"{where}.max_batch", self.max_batch, int, 1)
+        self.max_frame_pixels = _number(f"{where}.max_frame_pixels", self.max_frame_pixels, int, 1)
         self.max_wait_ms = _number(f"{where}.max_wait_ms", self.max_wait_ms, float, 0)
         self.camera_timeout_s = _number(f"{where}.camera_timeout_s", self.camera_timeout_s, float, 0)
         if self.heatmap_size is not None:
@@ -99,6 +108,20 @@ class HttpSection:
 
 
 @dataclass
+class SecuritySection:
+    """CURVE for tcp: the runtime's secret key file and a folder of allowed client public keys."""
+
+    server_key: str | None = None
+    client_keys: str | None = None
+
+    def check(self, where: str) -> SecuritySection:
+        if not self.server_key or not self.client_keys:
+            raise ProfileError(f"{where}: needs server_key (a secret key file) and client_keys (a "
+                               "folder of public keys); make them with `edge-inspect keys`")
+        return self
+
+
+@dataclass
 class CameraConfig:
     """One camera: its id (the only camera labels metrics ever get), source kind and options."""
 
@@ -111,7 +134,7 @@ class CameraConfig:
 
 
 TOP_KEYS = ("bundle", "backend", "backend_options", "mode", "endpoint_dir", "frames", "results",
-            "cameras", "pipeline", "captures", "http", "model_name")
+            "cameras", "pipeline", "captures", "http", "model_name", "security")
 
 
 @dataclass
@@ -128,6 +151,7 @@ class Profile:
     captures: CapturesSection | None = None
     http: HttpSection = field(default_factory=HttpSection)
     model_name: str | None = None
+    security: SecuritySection | None = None
     source: str = "profile"
 
     @classmethod
@@ -148,7 +172,19 @@ class Profile:
         if not isinstance(raw.get("backend_options", {}), dict):
             raise ProfileError(f"{source}: 'backend_options' must be a mapping")
         cameras = _cameras(raw["cameras"], source)
-        captures = raw.get("captures")
+        frames = raw.get("frames")
+        if frames is not None and not frames.startswith(("ipc://", "tcp://")):
+            raise ProfileError(f"{source}: frames {frames!r} must start with ipc:// or tcp://")
+        if frames and frames.startswith("tcp://"):
+            port = frames.rpartition(":")[2]
+            if not port.isdigit() or not 0 < int(port) < 65536 - len(cameras):
+                raise ProfileError(f"{source}: frames {frames!r} needs a port, e.g. tcp://127.0.0.1:5555 "
+                                   "(live mode: one port per camera from there up)")
+        external = [c.id for c in cameras if c.source == "external"]
+        if external and raw.get("mode", "live") != "every_part":
+            raise ProfileError(f"{source}: cameras {external} are external (sent by another "
+                               "machine): they need mode: every_part, where the runtime binds `frames`")
+        captures, security = raw.get("captures"), raw.get("security")
         return cls(bundle=raw["bundle"], cameras=cameras, backend=raw.get("backend", "ort"),
                    backend_options=dict(raw.get("backend_options") or {}), mode=raw.get("mode", "live"),
                    endpoint_dir=raw.get("endpoint_dir", "/tmp/edge-inspect"), frames=raw.get("frames"),
@@ -158,7 +194,10 @@ class Profile:
                    captures=(_section(CapturesSection, captures, f"{source}: captures")
                              .check(f"{source}: captures") if captures is not None else None),
                    http=_section(HttpSection, raw.get("http"), f"{source}: http").check(f"{source}: http"),
-                   model_name=raw.get("model_name"), source=source)
+                   model_name=raw.get("model_name"),
+                   security=(_section(SecuritySection, security, f"{source}: security")
+                             .check(f"{source}: security") if security is not None else None),
+                   source=source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Profile:
@@ -175,8 +214,23 @@ class Profile:
         return cls.from_dict(raw or {}, str(path))
 
     def frames_endpoint(self, camera: str) -> str:
+        """every_part: the one endpoint all cameras send to; live: one per camera (each
+        camera's publisher binds it): ``<frames>-<camera>`` for ipc, for tcp the port of
+        ``frames`` plus the camera's index in the profile."""
         base = self.frames or f"ipc://{self.endpoint_dir}/frames"
-        return base if self.mode == "every_part" else f"{base}-{camera}"
+        if self.mode == "every_part":
+            return base
+        if base.startswith("tcp://"):
+            host, _, port = base[len("tcp://"):].rpartition(":")
+            index = [c.id for c in self.cameras].index(camera)
+            return f"tcp://{host}:{int(port) + index}"
+        return f"{base}-{camera}"
+
+    @property
+    def tcp_endpoints(self) -> list[str]:
+        """The profile's endpoints that are tcp (the ones CURVE protects)."""
+        ends = [self.frames_endpoint(c.id) for c in self.cameras] + [self.results_endpoint]
+        return sorted({e for e in ends if e.startswith("tcp://")})
 
     @property
     def results_endpoint(self) -> str:
@@ -193,9 +247,12 @@ def _cameras(raw: object, source: str) -> list[CameraConfig]:
         if not isinstance(cam, dict):
             raise ProfileError(f"{source}: cameras[{i}] must be a mapping with id and source")
         cid = cam.get("id")
-        if not isinstance(cid, str) or not cid or not cid.isascii() or not all(
-                c.isalnum() or c in "-_" for c in cid):
-            raise ProfileError(f"{source}: cameras[{i}]: id {cid!r} must be ASCII letters, digits, - or _")
+        if not isinstance(cid, str) or not CAMERA_ID.fullmatch(cid):
+            raise ProfileError(f"{source}: cameras[{i}]: id {cid!r} must be 1-64 ASCII letters, "
+                               "digits, - or _")
+        if cid == UNATTRIBUTED:
+            raise ProfileError(f"{source}: cameras[{i}]: id {cid!r} is reserved for frames from "
+                               "cameras not in the profile; choose another id")
         if cam.get("source") not in SOURCE_KINDS:
             raise ProfileError(f"{source}: camera {cid}: source must be one of {list(SOURCE_KINDS)}, "
                                f"got {cam.get('source')!r}")

@@ -2,18 +2,25 @@
 
 The profile is parsed and checked by :mod:`edge_inspect.runtime.profile`; the runtime is
 started and stopped by :mod:`edge_inspect.runtime.orchestrator`. This module only wires
-them to the command line and to signals.
+them to the command line and to signals: SIGTERM and Ctrl-C (any number of times) stop the
+runtime once, cleanly. Exit codes: 0 -- stopped by a signal, or every camera was a finite
+replay and finished; 1 -- the pipeline failed, or the cameras ended when they should not
+have (the reason is printed); 2 -- the profile or bundle cannot be served.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
 from edge_inspect.runtime.orchestrator import Runtime
 from edge_inspect.runtime.profile import Profile
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,19 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = Profile.from_yaml(args.config)
-    runtime = Runtime(cfg).start()
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # set before start: no KeyboardInterrupt anywhere
+        signal.signal(sig, lambda *_: stopping.set())
+    runtime = Runtime(cfg).start()
     port = runtime.health.port if runtime.health else None
     print(f"serving {cfg.bundle} on {len(cfg.cameras)} camera(s); results on {cfg.results_endpoint}"
           + (f"; metrics on http://{cfg.http.host}:{port}/metrics" if port else ""), flush=True)
+    ended, why = False, None
     try:
-        while not stopping.is_set() and not runtime.sources_done() and runtime.error is None:
+        while not stopping.is_set() and runtime.error is None:
+            ended, why = runtime.sources_ended()
+            if ended:
+                break
             stopping.wait(0.2)
-    except KeyboardInterrupt:
-        pass
     finally:
         runtime.shutdown()
-    print(f"stopped after {runtime.pipeline.frames_done} frames")
+    print(f"stopped after {runtime.pipeline.frames_done} frames", flush=True)
     runtime.check()  # a failed pipeline exits non-zero with its reason
+    if ended and why:
+        print(f"edge-inspect serve: every camera has ended: {why}", file=sys.stderr)
+        return 1
+    if ended:
+        print("every camera finished its replay", flush=True)
     return 0

@@ -2,7 +2,8 @@
 
 A kind's options are its constructor's parameters (so the list cannot drift from the
 code); ``path`` is the folder source's name for ``images`` given as a folder. A new kind
-is one entry in :data:`SOURCES`.
+is one entry in :data:`SOURCES`. ``external`` is the one kind without a process: its frames
+are sent to the runtime's ``frames`` endpoint by a sender elsewhere (another machine).
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import threading
 from edge_inspect.runtime.sources import CaptureSource, FolderSource, SyntheticSource
 
 SOURCES = {"folder": FolderSource, "capture": CaptureSource, "synthetic": SyntheticSource}
-SOURCE_KINDS = tuple(SOURCES)
+EXTERNAL = "external"
+SOURCE_KINDS = (*SOURCES, EXTERNAL)
 ALIASES = {"folder": {"path": "images"}}  # profile key -> constructor parameter
 REQUIRED = {"capture": ("uri",)}
 
 
 def source_options(kind: str) -> tuple[str, ...]:
     """A source kind's camera options: its constructor's parameters and their aliases."""
+    if kind == EXTERNAL:
+        return ()
     names = tuple(n for n in inspect.signature(SOURCES[kind]).parameters if n != "stop")
     return names + tuple(ALIASES.get(kind, {}))
 
@@ -41,12 +45,28 @@ def check_source(cam: dict) -> None:
     for key in REQUIRED.get(kind, ()):
         if key not in opts:
             raise ValueError(f"camera {cam['id']}: a {kind} source needs {key}")
+    if kind == EXTERNAL:
+        return
     try:
         make_source(cam, threading.Event())
     except (ValueError, FileNotFoundError) as exc:
         raise type(exc)(f"camera {cam['id']}: {exc}") from None
     except TypeError as exc:  # an option of the wrong type, e.g. size: 5
         raise ValueError(f"camera {cam['id']}: {exc}") from None
+
+
+def is_finite(cam: dict) -> bool:
+    """Whether a camera's source ends by itself: a replay or video file without ``loop``, or
+    synthetic frames with a ``count`` (its end is a normal end of ``serve``)."""
+    kind = cam["source"]
+    if kind == "folder":
+        return not cam.get("loop", False)
+    if kind == "synthetic":
+        return cam.get("count") is not None
+    if kind == "capture":
+        uri = str(cam.get("uri", ""))
+        return not uri.isdigit() and "://" not in uri and not cam.get("loop", False)
+    return False
 
 
 def make_source(cam: dict, stop: threading.Event):

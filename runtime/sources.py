@@ -5,7 +5,9 @@ Every source yields ``(planes, t_capture_ns)``: a mapping of plane name to array
 sources give ``{"rgb": (H, W, 3) uint8}``; RGB-D sources add ``depth`` or ``xyz``) and
 ``time.monotonic_ns()`` taken when it was captured (comparable across processes on one
 host). :func:`publish` numbers them per camera (``seq``) and sends them in the wire format.
-Iteration stops when ``stop`` is set, so SIGTERM handlers end a source promptly.
+Iteration stops when ``stop`` is set, so SIGTERM handlers end a source promptly. A source's
+``on_event`` (set by the camera process) counts what it had to skip, by name
+(``unreadable_image``); a live source that stops trying sets ``gave_up``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ log = logging.getLogger(__name__)
 Frame = tuple[dict[str, np.ndarray], int]  # planes by name, capture time (ns)
 
 
+class Source:
+    """What every source has besides ``__iter__``: an event counter hook and ``gave_up``."""
+
+    on_event = None  # callable(event name) or None
+    gave_up = False
+
+    def _event(self, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name)
+
+
 class Pacer:
     """Sleeps to hold a frame rate (deadline-based, so slow reads do not accumulate drift)."""
 
@@ -46,7 +59,7 @@ class Pacer:
         return not self.stop.is_set()
 
 
-class FolderSource:
+class FolderSource(Source):
     """Replays images (a folder or a list of files) at ``fps``, optionally looping."""
 
     def __init__(self, images: str | Path | list[Path], fps: float | None = 10.0, loop: bool = False,
@@ -63,6 +76,7 @@ class FolderSource:
             raise ValueError(f"no images to replay in {where} (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.fps, self.loop = fps, loop
         self.stop = stop or threading.Event()
+        self.unreadable: set[Path] = set()
 
     def __iter__(self) -> Iterator[Frame]:
         pacer = Pacer(self.fps, self.stop)
@@ -72,15 +86,19 @@ class FolderSource:
                     return
                 try:
                     frame = read_rgb(path)
-                except ValueError as exc:
-                    log.warning("skipping %s", exc)  # a bad file in a replay folder is not fatal
+                except ValueError as exc:  # a bad file in a replay folder is not fatal
+                    self._event("unreadable_image")  # counted every time, logged once per file
+                    if path not in self.unreadable:
+                        self.unreadable.add(path)
+                        log.warning("skipping %s (logged once; every skip is counted in "
+                                    "edge_inspect_source_events_total)", exc)
                     continue
                 yield {"rgb": frame}, time.monotonic_ns()
             if not self.loop:
                 return
 
 
-class SyntheticSource:
+class SyntheticSource(Source):
     """Moving-gradient frames of a given size, for load tests without files.
 
     ``variants`` frames are drawn once and cycled, so generating a frame costs nothing and
@@ -106,7 +124,7 @@ class SyntheticSource:
             i += 1
 
 
-class CaptureSource:
+class CaptureSource(Source):
     """OpenCV capture of a camera index, video file or RTSP/HTTP URL.
 
     Live streams (index or URL) reconnect with exponential backoff (``backoff_s`` doubling
@@ -152,6 +170,7 @@ class CaptureSource:
                     raise ValueError(f"cannot open video file {self.uri}")
                 if self.max_reconnects is not None and self.reconnects >= self.max_reconnects:
                     log.error("giving up on %s after %d reconnects", self.uri, self.reconnects)
+                    self.gave_up = True
                     return
                 self.reconnects += 1
                 log.warning("cannot open %s; retrying in %.1f s", self.uri, delay)
@@ -180,12 +199,47 @@ class CaptureSource:
             self.reconnects += 1
 
 
-def publish(source, sender: Sender, camera: str, stop: threading.Event | None = None) -> int:
-    """Send every frame of ``source`` as ``frame.<camera>`` with a per-camera ``seq``."""
-    seq = 0
+def publish(source, sender: Sender, camera: str, stop: threading.Event | None = None,
+            on_event=None, max_frame_bytes: int | None = None) -> int:
+    """Send every frame of ``source`` as ``frame.<camera>`` with a per-camera ``seq``.
+
+    every_part: a send that times out (the pipeline stalled) is retried until it goes
+    through or ``stop`` is set -- a camera waits, it never exits because the consumer is
+    slow; each timeout is counted as ``send_blocked``. A frame with a plane larger than
+    ``max_frame_bytes`` (the receiver's ``MAXMSGSIZE``, which would silently disconnect
+    the camera) is not sent: counted as ``oversized_frame`` and logged once.
+    """
+    stop = stop or threading.Event()
+    count = on_event or (lambda _event: None)
+    seq, blocked_since, warned_size = 0, None, False
     for planes, t_ns in source:
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             break
-        sender.send(encode_frame(camera, seq, t_ns, planes))
+        if max_frame_bytes and max(p.nbytes for p in planes.values()) > max_frame_bytes:
+            count("oversized_frame")
+            if not warned_size:
+                shapes = {name: p.shape for name, p in planes.items()}
+                log.error("camera %s: frame %s exceeds the pipeline's limit of %d bytes per plane; "
+                          "raise pipeline.max_frame_pixels in the profile or lower the camera's "
+                          "resolution (frames are counted as oversized_frame)", camera, shapes,
+                          max_frame_bytes)
+                warned_size = True
+            continue
+        parts = encode_frame(camera, seq, t_ns, planes)
+        while True:
+            try:
+                sender.send(parts)
+                break
+            except TimeoutError:
+                count("send_blocked")
+                if blocked_since is None:
+                    blocked_since = time.monotonic()
+                    log.warning("camera %s: the pipeline takes no frames (every_part); waiting", camera)
+                if stop.is_set():
+                    return seq
+        if blocked_since is not None:
+            log.warning("camera %s: the pipeline takes frames again after %.1f s", camera,
+                        time.monotonic() - blocked_since)
+            blocked_since = None
         seq += 1
     return seq

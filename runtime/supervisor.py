@@ -1,10 +1,12 @@
 """Restarts camera processes that crash, with exponential backoff.
 
-A camera process that ends cleanly (exit code 0: its file or folder ended, or it gave up
-after ``max_reconnects``) stays ended. One that dies otherwise (an exception, a segfault
-in a decoder, the OOM killer) is started again after ``backoff_s``, doubling up to
-``backoff_max_s`` while it keeps crashing; a run of ``stable_s`` without a crash resets
-the delay. Restarts are counted in ``edge_inspect_source_restarts_total{camera}``.
+A camera process that ends (exit code 0: its file or folder ended; ``EXIT_GAVE_UP``: a
+live source gave up after ``max_reconnects``) stays ended. One that dies otherwise (an
+exception, a segfault in a decoder, the OOM killer, ``kill -9``) is started again after
+``backoff_s``, doubling up to ``backoff_max_s`` while it keeps crashing within
+``stable_s`` of its start; a process that ran ``stable_s`` or longer was stable, and its
+next restart comes after ``backoff_s`` again. Restarts are counted in
+``edge_inspect_source_restarts_total{camera}``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 
+from edge_inspect.runtime.camera_process import EXIT_GAVE_UP
+
+ENDED = (0, EXIT_GAVE_UP)  # exit codes of a camera that ended on purpose
+
 log = logging.getLogger(__name__)
 
 
 class SourceSupervisor:
     def __init__(self, start: Callable[[dict], object], cameras: list[dict], restarts,
-                 backoff_s: float = 1.0, backoff_max_s: float = 30.0, stable_s: float = 60.0) -> None:
+                 backoff_s: float = 0.5, backoff_max_s: float = 30.0, stable_s: float = 5.0) -> None:
         """``start(cam)`` starts a camera's process and returns it; ``restarts`` is the
         labelled counter of restarts."""
         self.start, self.cameras, self.restarts = start, cameras, restarts
@@ -48,7 +54,7 @@ class SourceSupervisor:
         for cam in self.cameras:
             cid = cam["id"]
             proc = self.processes.get(cid)
-            if proc is None or proc.is_alive() or proc.exitcode == 0 or self.stopped:
+            if proc is None or proc.is_alive() or proc.exitcode in ENDED or self.stopped:
                 continue
             if cid not in self.restart_at:
                 if now - self.started_at[cid] > self.stable_s:

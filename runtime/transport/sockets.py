@@ -14,7 +14,7 @@ Endpoints are ``ipc://`` or ``tcp://`` (loopback by default in configs). tcp end
 require CURVE: the binding side holds a server key pair and accepts only the listed client
 public keys (a ZAP handler in a thread); a client without an accepted key gets nothing
 through. LINGER is bounded so shutdown never hangs; receive timeouts let callers run stall
-watchdogs.
+watchdogs; ``max_message_bytes`` (``MAXMSGSIZE``) bounds what a receiver reads into memory.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class TransportConfig:
     #                               so frames still queued at close are delivered
     recv_timeout_ms: int = 500
     send_timeout_ms: int = 5000  # every_part: how long a blocked send waits before failing
+    max_message_bytes: int | None = None  # receiving side: larger parts disconnect their sender
     curve_server_secret: bytes | None = None  # binding side (z85 secret key)
     curve_server_public: bytes | None = None
     curve_client_keys: list[bytes] = field(default_factory=list)  # accepted client public keys
@@ -107,6 +108,8 @@ def _socket(ctx: zmq.Context, kind: int, cfg: TransportConfig, bind: bool) -> zm
     sock.setsockopt(zmq.SNDTIMEO, cfg.send_timeout_ms if cfg.mode == "every_part" else 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    if cfg.max_message_bytes is not None and kind in (zmq.SUB, zmq.PULL):
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)  # never read into memory
     if kind == zmq.PUSH:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if bind and cfg.curve_server_secret:

@@ -9,8 +9,12 @@
 * ``payload``: raw C-order buffers, sent with ``copy=False``.
 
 :func:`decode` checks everything and raises :class:`MalformedMessage` with a short
-``reason`` for anything that does not parse; callers count it under
-``reason="malformed"`` and go on. Arrays are read-only views of the received frames.
+``reason`` for anything outside the format: integers are bounded (``seq`` and
+``t_capture_ns`` in ``[0, 2**63)``, dimensions below ``2**31``; JSON's ``Infinity`` / ``NaN``,
+numbers of more than 20 digits and booleans where integers belong are refused), camera ids
+follow :data:`CAMERA_ID` (the rule of :func:`encode` and of profiles), nesting is bounded.
+Callers count it under ``reason="malformed"`` and go on. Arrays are read-only views of the
+received frames.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ WIRE_VERSION = 1
 KINDS = ("frame", "result")
 DTYPES = ("uint8", "uint16", "int32", "float16", "float32")
 MAX_HEADER_BYTES = 64 * 1024
+MAX_PARTS = 16  # payload parts of one message
+MAX_NDIM = 4
+MAX_DIM = 2**31 - 1
+MAX_INT = 2**63 - 1  # seq and t_capture_ns are int64 on every side of the wire
+MAX_INT_DIGITS = 20
 PLANE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+CAMERA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # also the profile's rule: no dots, spaces, unicode
 
 
 class MalformedMessage(ValueError):
@@ -71,8 +81,10 @@ def encode(kind: str, camera: str, seq: int, t_capture_ns: int, arrays: list[np.
     plane name is ``rgb`` (frames) or ``heatmap`` (results)."""
     if kind not in KINDS:
         raise ValueError(f"message kind {kind!r} unknown; use {KINDS}")
-    if not camera or not camera.isascii() or "." in camera or " " in camera:
-        raise ValueError(f"camera id {camera!r} must be ASCII without dots or spaces")
+    if not isinstance(camera, str) or not CAMERA_ID.fullmatch(camera):
+        raise ValueError(f"camera id {camera!r} must be 1-64 ASCII letters, digits, - or _")
+    if not (0 <= int(seq) <= MAX_INT and 0 <= int(t_capture_ns) <= MAX_INT):
+        raise ValueError(f"seq {seq} and t_capture_ns {t_capture_ns} must lie in [0, 2**63)")
     arrays = [np.ascontiguousarray(a) for a in arrays]
     for a in arrays:
         if a.dtype.name not in DTYPES:
@@ -92,6 +104,8 @@ def decode(parts: list) -> Message:
     """Parse received parts (bytes or ``zmq.Frame``); :class:`MalformedMessage` if anything is off."""
     if len(parts) < 2:
         raise MalformedMessage("too few parts")
+    if len(parts) > MAX_PARTS + 2:
+        raise MalformedMessage("too many parts")
     try:
         raw = [memoryview(p.buffer if hasattr(p, "buffer") else p).cast("B") for p in parts]
     except TypeError:
@@ -100,43 +114,75 @@ def decode(parts: list) -> Message:
         kind, _, cam_topic = bytes(raw[0]).decode("ascii").partition(".")
     except UnicodeDecodeError:
         raise MalformedMessage("topic not ASCII") from None
-    if kind not in KINDS or not cam_topic:
+    if kind not in KINDS or not CAMERA_ID.fullmatch(cam_topic):
         raise MalformedMessage("unknown topic")
-    if len(raw[1]) > MAX_HEADER_BYTES:
-        raise MalformedMessage("header too large")
-    try:
-        header = json.loads(bytes(raw[1]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MalformedMessage("header not JSON") from None
-    if not isinstance(header, dict):
-        raise MalformedMessage("header not an object")
-    if header.get("v") != WIRE_VERSION:
+    header = _parse_header(raw[1])
+    if not _is_int(header.get("v")) or header["v"] != WIRE_VERSION:
         raise MalformedMessage("wrong schema version")
     camera, seq, t_ns = header.get("camera"), header.get("seq"), header.get("t_capture_ns")
     if camera != cam_topic:
         raise MalformedMessage("camera does not match topic")
-    if not isinstance(seq, int) or seq < 0 or not isinstance(t_ns, int):
+    if not (_is_int(seq, MAX_INT) and _is_int(t_ns, MAX_INT)):
         raise MalformedMessage("bad seq or timestamp")
     specs = header.get("parts")
     if not isinstance(specs, list) or len(specs) != len(raw) - 2:
         raise MalformedMessage("payload count does not match header")
     arrays, names = [], []
     for i, (spec, buf) in enumerate(zip(specs, raw[2:], strict=True)):
-        try:
-            dtype = np.dtype(spec["dtype"]) if spec["dtype"] in DTYPES else None
-            shape = tuple(int(s) for s in spec["shape"])
-            name = spec.get("plane", _default_plane(kind, i))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise MalformedMessage("bad part spec") from None
+        if not isinstance(spec, dict):
+            raise MalformedMessage("bad part spec")
+        shape, name = spec.get("shape"), spec.get("plane", _default_plane(kind, i))
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(_is_int(d, MAX_DIM) for d in shape)):
+            raise MalformedMessage("bad part spec")
         if not isinstance(name, str) or not PLANE_NAME.fullmatch(name) or name in names:
             raise MalformedMessage("bad or repeated plane name")
         names.append(name)
-        if dtype is None:
+        if spec.get("dtype") not in DTYPES:
             raise MalformedMessage("unknown dtype")
-        if any(s < 0 for s in shape) or math.prod(shape) * dtype.itemsize != len(buf):
+        dtype = np.dtype(spec["dtype"])
+        if math.prod(shape) * dtype.itemsize != len(buf):
             raise MalformedMessage("payload size does not match shape")
         arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
     return Message(kind, camera, seq, t_ns, header, arrays, names)
+
+
+def _is_int(value, maximum: int = MAX_INT) -> bool:
+    """A JSON integer in ``[0, maximum]`` (``True`` is an int to Python, not to the format)."""
+    return type(value) is int and 0 <= value <= maximum
+
+
+def _refuse_constant(name: str):
+    raise MalformedMessage(f"header holds {name}")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise MalformedMessage("number out of range")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedMessage("number out of range")
+    return value
+
+
+def _parse_header(buf: memoryview) -> dict:
+    """The JSON header object; numbers bounded, ``Infinity``/``NaN`` and deep nesting refused."""
+    if len(buf) > MAX_HEADER_BYTES:
+        raise MalformedMessage("header too large")
+    try:
+        header = json.loads(bytes(buf).decode("utf-8"), parse_constant=_refuse_constant,
+                            parse_int=_bounded_int, parse_float=_finite_float)
+    except MalformedMessage:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise MalformedMessage("header not JSON") from None
+    if not isinstance(header, dict):
+        raise MalformedMessage("header not an object")
+    return header
 
 
 def _default_plane(kind: str, index: int) -> str:

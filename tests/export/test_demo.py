@@ -18,7 +18,7 @@ def test_demo_streams_and_summarizes(tmp_path, capsys):
     assert s["auroc_nominal_vs_local"] >= 0.97 and s["auroc_nominal_vs_global"] >= 0.97
     assert s["fps"] >= 20 and s["e2e_latency_ms"]["p50"] < 200
     assert (out / "stream_scores.png").read_bytes()[:4] == b"\x89PNG"
-    captures = [p for p in (out / "captures").iterdir() if not p.name.startswith(".")]
+    captures = [p for p in (out / "captures").glob("*/*") if not p.name.startswith(".")]
     assert captures and all({f.name for f in c.iterdir()} == {"frame.png", "overlay.png",
                                                                "header.json"} for c in captures)
     assert (bundle / "manifest.json").exists() and "AUROC of the streamed scores" in capsys.readouterr().out

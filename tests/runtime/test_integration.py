@@ -53,7 +53,7 @@ def _garbage(endpoint):
                   [good[0], good[1].replace(b"250,250", b"250,251"), good[2]],  # wrong shape
                   [good[0], good[1].replace(b"uint8", b"bool8"), good[2]]):  # unknown dtype
         sender.send(parts)
-    sender.send(good)  # and then a valid frame
+    sender.send(good)  # and then a valid frame, from a camera the profile does not list
     time.sleep(0.5)
     sender.close()
 
@@ -97,8 +97,10 @@ def test_malformed_messages_are_counted_and_serving_goes_on(bundles, tmp_path):
         proc = mp.get_context("spawn").Process(target=_garbage, args=(rt.cfg.frames_endpoint("cam0"),))
         proc.start()
         proc.join(10)
-        _wait(lambda: _value(rt, "edge_inspect_frames_inferred_total", camera="cam9", model="m") == 1)
+        _wait(lambda: _value(rt, "edge_inspect_frames_dropped_total", camera="unknown",
+                             reason="unknown_camera") == 1)
         assert _value(rt, "edge_inspect_frames_dropped_total", camera="unknown", reason="malformed") == 5
+        assert _value(rt, "edge_inspect_frames_received_total", camera="cam9") == 0  # no series for it
         before = _value(rt, "edge_inspect_frames_inferred_total", camera="cam0", model="m")
         _wait(lambda: _value(rt, "edge_inspect_frames_inferred_total", camera="cam0", model="m") > before + 5)
     finally:

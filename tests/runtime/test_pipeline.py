@@ -22,11 +22,11 @@ from edge_inspect.runtime.transport.wire import decode, encode
 
 
 def make_pipeline(bundle, engine, frames: TransportConfig, results: TransportConfig, ctx, metrics=None,
-                  captures=None, name="textile", **options) -> Pipeline:
+                  captures=None, name="textile", cameras=("cam0", "tiny"), **options) -> Pipeline:
     """A pipeline wired as the orchestrator wires it: ZeroMQ receiver, results + capture sinks."""
     sinks = [ResultSocketSink(Sender(results, ctx))] + ([CaptureSink(captures)] if captures else [])
     return Pipeline(ModelSlot(bundle, engine, name), Receiver(frames, ctx), sinks,
-                    PipelineConfig(mode=frames.mode, **options), metrics or RuntimeMetrics())
+                    PipelineConfig(cameras, mode=frames.mode, **options), metrics or RuntimeMetrics())
 
 
 @pytest.fixture()
@@ -90,7 +90,7 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
     assert _value(metrics, "edge_inspect_camera_up", camera="cam0") == 1
     assert pipe.ready()["engine_warm"] and pipe.ready()["camera_cam0_fresh"]
     n_anomalous = sum(m.header["label"] for m in got.values())
-    captures = [p for p in (tmp_path / "captures").iterdir() if not p.name.startswith(".")]
+    captures = [p for p in (tmp_path / "captures" / "cam0").glob("*") if not p.name.startswith(".")]
     assert len(captures) == min(n_anomalous, 3)
     for c in captures:
         assert {p.name for p in c.iterdir()} == {"frame.png", "overlay.png", "header.json"}

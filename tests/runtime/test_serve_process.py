@@ -45,7 +45,7 @@ def test_serve_scores_a_camera_and_stops_on_sigterm(bundles, tmp_path):
            "http": {"host": "127.0.0.1", "port": 0}}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    code = BLOCK_TORCH + ("from runtime.cli import main\n"
+    code = BLOCK_TORCH + ("from edge_inspect.runtime.cli import main\n"
                           f"raise SystemExit(main(['serve', '--config', r'{path}']))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -74,7 +74,8 @@ def test_serve_scores_a_camera_and_stops_on_sigterm(bundles, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    captures = list((tmp_path / "captures").iterdir())
+    assert [c.name for c in (tmp_path / "captures").iterdir() if c.is_dir()] == ["line1"]  # per camera
+    captures = list((tmp_path / "captures" / "line1").iterdir())
     assert captures and not [c for c in captures if c.name.startswith(".")]  # nothing half-written
     assert len(captures) <= 5
     time.sleep(0.2)
