@@ -334,6 +334,10 @@ def _arrays_file(root: Path, path: Path, spec: _Fields, files: dict) -> dict[str
         arrays = {k: data[k] for k in data.files}
     if set(arrays) != set(want):
         spec.fail(f"expects arrays {sorted(want)} but {name} holds {sorted(arrays)}")
+    for key, shape in want.items():
+        if not isinstance(shape, list) or list(arrays[key].shape) != shape:
+            spec.fail(f"declares array {key!r} with shape {shape!r} but {name} holds "
+                      f"{list(arrays[key].shape)}")
     return arrays
 
 
@@ -460,10 +464,14 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         if [o.role for o in outputs].count(role) != 1:
             top.fail(f"needs exactly one output with role {role!r}, has "
                      f"{[o.name for o in outputs if o.role == role]}")
+    inside = root.resolve()
     for name in files:
         file = root / name
         if not file.is_file():
             raise BundleError(f"bundle file {file} is missing (listed in {MANIFEST})")
+        if file.resolve().parent != inside:  # a symlink out of the folder
+            raise BundleError(f"bundle file {file} links to {file.resolve()}, outside the bundle "
+                              "folder; copy the file into the bundle instead of linking it")
         if verify and sha256_file(file) != files[name]:
             raise BundleError(f"{file} does not match its sha256 in {MANIFEST}: the file was "
                               "changed or truncated; re-export or restore it")

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from edge_inspect.runtime.engines.base import EngineError
+
 
 @dataclass(frozen=True)
 class Subcommand:
@@ -131,9 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         raise SystemExit(message) from exc
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        # Errors a user can cause (bad config, path, checkpoint, dataset) carry a message
-        # that names the problem and the fix; a traceback only with --verbose.
+    except (ValueError, FileNotFoundError, PermissionError, EngineError) as exc:
+        # Errors a user can cause (bad config, path, checkpoint, dataset, backend or
+        # provider) carry a message that names the problem and the fix; a traceback only
+        # with --verbose.
         if args.verbose:
             raise
         print(f"edge-inspect {sub.name}: error: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from edge_inspect.runtime.engines import BACKENDS
 from edge_inspect.runtime.metrics import UNATTRIBUTED
 from edge_inspect.runtime.transport.sockets import MODES
 from edge_inspect.runtime.transport.wire import CAMERA_ID
@@ -169,6 +170,9 @@ class Profile:
         for key in ("bundle", "backend", "endpoint_dir", "frames", "results", "model_name"):
             if raw.get(key) is not None and not isinstance(raw[key], str):
                 raise ProfileError(f"{source}: '{key}' must be a string, got {raw[key]!r}")
+        if raw.get("backend", "ort") not in BACKENDS:
+            raise ProfileError(f"{source}: backend {raw.get('backend')!r} unknown; choose one of "
+                               f"{list(BACKENDS)}")
         if not isinstance(raw.get("backend_options", {}), dict):
             raise ProfileError(f"{source}: 'backend_options' must be a mapping")
         cameras = _cameras(raw["cameras"], source)

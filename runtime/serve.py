@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         runtime.shutdown()
     print(f"stopped after {runtime.pipeline.frames_done} frames", flush=True)
-    runtime.check()  # a failed pipeline exits non-zero with its reason
+    if runtime.error is not None:  # a failed pipeline exits non-zero with its reason, in one line
+        print(f"edge-inspect serve: the pipeline stopped: {type(runtime.error).__name__}: "
+              f"{runtime.error} (the log above has the details)", file=sys.stderr)
+        return 1
     if ended and why:
         print(f"edge-inspect serve: every camera has ended: {why}", file=sys.stderr)
         return 1

@@ -2,7 +2,9 @@
 
 Columns: frames, frames/s over the last window, last score and label, anomalies,
 p50 / p99 capture-to-result latency (measured here, on the same host as the cameras).
-Redraws every ``--interval`` seconds; ``--duration`` stops it (scripts, tests).
+Redraws every ``--interval`` seconds; ``--duration`` stops it (scripts, tests) and exits 1
+with the likely reason when no result arrived. A tcp endpoint guarded by CURVE needs
+``--server-key`` (the runtime's public ``.key``) and ``--key`` (this viewer's ``.key_secret``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import argparse
 import sys
 import time
 from collections import defaultdict, deque
+from pathlib import Path
 
 import numpy as np
+import zmq
 
+from edge_inspect.runtime.keys import load_keypair, load_public_key
 from edge_inspect.runtime.transport.sockets import Receiver, TransportConfig
 from edge_inspect.runtime.transport.wire import MalformedMessage, decode
 
@@ -24,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--plain", action="store_true", help="append tables instead of redrawing")
+    parser.add_argument("--server-key", type=Path, default=None,
+                        help="the runtime's public key file (CURVE over tcp)")
+    parser.add_argument("--key", type=Path, default=None,
+                        help="this viewer's secret key file (CURVE over tcp; its .key in the "
+                             "runtime's client_keys)")
 
 
 class Table:
@@ -66,8 +76,36 @@ class Table:
         return "\n".join(rows)
 
 
+def _receiver(args: argparse.Namespace) -> Receiver:
+    """The results subscriber, or a one-line ValueError naming the endpoint and the fix."""
+    endpoint = args.endpoint
+    if not endpoint.startswith(("ipc://", "tcp://")):
+        raise ValueError(f"--endpoint {endpoint!r} must start with ipc:// or tcp:// (serve prints its "
+                         "results endpoint when it starts)")
+    keys = {}
+    if (args.server_key is None) != (args.key is None):
+        raise ValueError("CURVE needs both --server-key (the runtime's .key) and --key (your .key_secret)")
+    if args.server_key is not None:
+        public, secret = load_keypair(args.key, "--key")
+        keys = {"curve_server_public": load_public_key(args.server_key),
+                "curve_client_public": public, "curve_client_secret": secret}
+    try:
+        return Receiver(TransportConfig(endpoint, mode="live", hwm=1000, **keys))
+    except zmq.ZMQError as exc:
+        raise ValueError(f"cannot connect to --endpoint {endpoint!r}: {exc}; use the results endpoint "
+                         "serve printed (e.g. ipc:///tmp/edge-inspect/results or tcp://host:port)") from None
+
+
+def _silence_hint(endpoint: str) -> str:
+    if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
+        return (f"nothing listens on {endpoint} (no such socket file): is serve running, and is "
+                "this the results endpoint it printed?")
+    return (f"no results on {endpoint}: is serve running and scoring, is this the results endpoint "
+            "it printed, and (tcp with CURVE) are --server-key / --key right?")
+
+
 def run(args: argparse.Namespace) -> int:
-    rx = Receiver(TransportConfig(args.endpoint, mode="live", hwm=1000))
+    rx = _receiver(args)
     table = Table()
     start = next_draw = time.monotonic()
     try:
@@ -84,5 +122,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         rx.close()
-    print(table.render() if table.frames else "no results received")
+    if not table.frames:
+        print(f"edge-inspect watch: {_silence_hint(args.endpoint)}", file=sys.stderr)
+        return 1
+    print(table.render())
     return 0

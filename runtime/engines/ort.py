@@ -50,6 +50,12 @@ class OrtEngine(Engine):
         super().__init__(bundle)
         import onnxruntime as ort
 
+        if type(threads) is not int or threads < 0:
+            raise EngineError(f"threads must be a whole number >= 0 (0: ONNX Runtime decides), "
+                              f"got {threads!r}")
+        if providers is not None and (not isinstance(providers, list)
+                                      or not all(isinstance(p, str) for p in providers)):
+            raise EngineError(f"providers must be a list of names from {list(PROVIDERS)}, got {providers!r}")
         wanted = providers or ["cpu"]
         available = set(ort.get_available_providers())
         missing = [p for p in wanted if PROVIDERS.get(p) not in available]

@@ -156,3 +156,35 @@ def test_per_category_banks_are_loaded_and_selected(schema1):
     np.testing.assert_allclose(bolt, default / 2, rtol=1e-4)  # the map is patch distance / reference
     with pytest.raises(BundleError, match="no memory bank for category 'nut'"):
         engine.infer(frame, category="nut")
+
+
+def test_a_file_linked_from_outside_the_bundle_is_refused(schema1, tmp_path):
+    """A symlink passes the name check and, with the right sha256, the checksum: refused too."""
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.move(schema1 / "model.onnx", outside)
+    (schema1 / "model.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="outside the bundle folder; copy the file into the bundle"):
+        load_bundle(schema1)
+
+
+def test_memory_arrays_must_have_their_declared_shapes(schema1):
+    m = _schema2(schema1)
+    key = next(iter(m["memory"]["arrays"]))
+    m["memory"]["arrays"][key] = [-8]
+    (schema1 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=rf"declares array '{key}' with shape \[-8\]"):
+        load_bundle(schema1)
+
+
+def test_serve_with_a_broken_bundle_is_one_line_and_exit_2(schema1, tmp_path, capsys):
+    import yaml
+
+    from edge_inspect.runtime.cli import main
+
+    _edit(schema1, threshold={"threshold": "0.5"})
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"bundle": str(schema1), "endpoint_dir": str(tmp_path / "ep"),
+                                       "cameras": [{"id": "a", "source": "synthetic"}]}))
+    assert main(["serve", "--config", str(profile)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "threshold 'threshold' must be a finite number" in err

@@ -163,3 +163,25 @@ def test_well_formed_but_unusable_frames_are_malformed_drops(intake, name):
     pipe, value = intake
     assert pipe._decode(corpus("cam0")[name]) is None
     assert value("edge_inspect_frames_dropped_total", camera="cam0", reason="malformed") == 1
+
+
+def test_future_timestamps_evict_no_real_capture(tmp_path):
+    """Captures are named by the runtime's clock and kept per camera: 250 frames claiming the
+    far future (which used to sort last and evict every real capture) keep neither another
+    camera's captures nor a later real capture of the same camera from being retained."""
+    from edge_inspect.runtime.capture import CaptureStore
+
+    store = CaptureStore(tmp_path, retain=3)
+    frame, heat = np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4), np.float16)
+    for seq in range(3):
+        store.submit("line1", seq, frame, heat, {"t_capture_ns": time.monotonic_ns()})
+    for seq in range(250):
+        store.submit("line2", seq, frame, heat, {"t_capture_ns": 2**62 + seq})
+        if seq % 20 == 0:
+            store.flush()
+    store.flush()
+    store.submit("line2", 999, frame, heat, {"t_capture_ns": 1})  # real, after the flood
+    store.flush()
+    assert len(list((tmp_path / "line1").iterdir())) == 3  # untouched by line2's flood
+    kept = sorted(p.name for p in (tmp_path / "line2").iterdir())
+    assert len(kept) == 3 and kept[-1].endswith("-00000999")  # the newest by the runtime's clock
