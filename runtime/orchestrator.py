@@ -25,7 +25,7 @@ import zmq
 from prometheus_client.core import CounterMetricFamily
 
 from edge_inspect.runtime.bundle import Bundle, load_bundle
-from edge_inspect.runtime.camera_process import SOURCE_EVENTS, SourceEvents, camera_process
+from edge_inspect.runtime.camera_process import EXIT_GAVE_UP, SOURCE_EVENTS, SourceEvents, camera_process
 from edge_inspect.runtime.capture import CaptureStore
 from edge_inspect.runtime.keys import CurveKeys, load_server_keys
 from edge_inspect.runtime.locks import FolderLock
@@ -212,9 +212,14 @@ class Runtime:
         running = any(p.is_alive() or p.exitcode is None for p in self.processes.values())
         if running or self.supervisor.pending():
             return False, None
-        problems = [f"camera {cam['id']} ended (exit code {self.processes[cam['id']].exitcode})"
-                    for cam in self.processed
-                    if self.processes[cam["id"]].exitcode != 0 or not is_finite(cam)]
+        problems = []
+        for cam in self.processed:
+            code = self.processes[cam["id"]].exitcode
+            if code == EXIT_GAVE_UP:
+                problems.append(f"camera {cam['id']} gave up (max_reconnects reached; see its log)")
+            elif code != 0 or not is_finite(cam):
+                problems.append(f"camera {cam['id']} ended (exit code {code}) although its source "
+                                "does not end by itself")
         return True, "; ".join(problems) or None
 
     def sources_done(self) -> bool:

@@ -78,8 +78,10 @@ class Serve:
         self.path.write_text(yaml.safe_dump(profile))
         code = BLOCK_TORCH + ("from edge_inspect.runtime.cli import main\n"
                               f"raise SystemExit(main(['serve', '--config', r'{self.path}']))")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.stderr_path = tmp_path / f"{name}.stderr"  # a file: a full pipe would block serve
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                                         stderr=stderr, text=True)
         self.pid = self.proc.pid
         self.port = self.base = None
 
@@ -88,7 +90,7 @@ class Serve:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout)
-            raise AssertionError(f"serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            raise AssertionError(f"serve exited {self.proc.returncode}: {self.errors()}")
         m = re.search(r"127\.0\.0\.1:(\d+)/metrics", line)
         if m:
             self.port = int(m.group(1))
@@ -98,10 +100,14 @@ class Serve:
     def ready(self, timeout: float = 60) -> Serve:
         deadline = time.monotonic() + timeout
         while http_get(self.base + "/readyz")[0] != 200:
-            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert self.proc.poll() is None, self.errors()
             assert time.monotonic() < deadline, http_get(self.base + "/readyz")
             time.sleep(0.2)
         return self
+
+    def errors(self) -> str:
+        """What serve wrote to stderr so far (its log)."""
+        return self.stderr_path.read_text()
 
     def metrics(self) -> str:
         return http_get(self.base + "/metrics")[1]

@@ -41,7 +41,7 @@ def test_hostile_corpus_does_not_stop_serve_or_move_the_real_cameras_counters(bu
             for parts in hostile:
                 tx.send(parts)
         time.sleep(1.5)
-        assert serve.proc.poll() is None, serve.proc.stderr.read()
+        assert serve.proc.poll() is None, serve.errors()
         body = serve.metrics()
         malformed = _dropped(body, "unknown", "malformed") + _dropped(body, "cam0", "malformed")
         assert malformed == 3 * len(corpus("cam0"))  # every one counted once

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from tests.runtime.serve_proc import Serve, alive, descendants
+from tests.runtime.serve_proc import Serve, alive, descendants, metric
 
 
 def _profile(bundle, tmp_path, mode="live", cameras=None, **extra):
@@ -52,7 +52,7 @@ def test_double_ctrl_c_exits_cleanly(bundles, tmp_path):
     time.sleep(0.05)
     serve.proc.send_signal(signal.SIGINT)
     assert serve.proc.wait(5) == 0
-    assert "Traceback" not in serve.proc.stderr.read()
+    assert "Traceback" not in serve.errors()
 
 
 def test_a_second_serve_on_the_same_endpoint_dir_is_refused(bundles, tmp_path):
@@ -60,7 +60,7 @@ def test_a_second_serve_on_the_same_endpoint_dir_is_refused(bundles, tmp_path):
     try:
         second = Serve(_profile(bundles["memory"], tmp_path), tmp_path, name="second")
         assert second.proc.wait(60) == 2
-        err = second.proc.stderr.read()
+        err = second.errors()
         assert f"in use by another edge-inspect serve (pid {first.pid})" in err and "Traceback" not in err
         assert first.proc.poll() is None and first.value("edge_inspect_camera_up", camera="cam0") == 1
     finally:
@@ -83,8 +83,6 @@ def test_a_stalled_every_part_pipeline_makes_cameras_wait_not_exit(bundles, tmp_
         assert serve.proc.poll() is None  # it used to exit 0 here, silently
         assert set(camera_pid) <= set(descendants(serve.pid))  # the same camera process, not restarted
         body = serve.metrics()
-        from tests.runtime.serve_proc import metric
-
         assert metric(body, "edge_inspect_source_events_total", camera="cam0", event="send_blocked") >= 1
         assert metric(body, "edge_inspect_source_restarts_total", camera="cam0") == 0
         for reason in ("hwm", "stale", "malformed"):  # every_part: nothing lost over the stall
@@ -103,5 +101,5 @@ def test_finite_replays_end_serve_with_0_and_a_camera_that_gives_up_with_1(bundl
                  "max_reconnects": 0, "stall_s": 1}]
     serve = Serve(_profile(bundles["memory"], tmp_path, cameras=gives_up), tmp_path, "gives-up").started()
     assert serve.proc.wait(60) == 1
-    err = serve.proc.stderr.read()
+    err = serve.errors()
     assert "every camera has ended: camera cam0 gave up" in err, err
