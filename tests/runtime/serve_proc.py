@@ -70,6 +70,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+RUNNING: list[Serve] = []  # killed after each test by tests/runtime/conftest.py, pass or fail
+
+
 class Serve:
     """One ``serve`` process for a profile mapping; ``port`` and ``base`` once it printed its line."""
 
@@ -84,6 +87,7 @@ class Serve:
                                          stderr=stderr, text=True)
         self.pid = self.proc.pid
         self.port = self.base = None
+        RUNNING.append(self)
 
     def started(self, timeout: float = 60) -> Serve:
         """Wait for the serving line (raises with stderr when serve exits first)."""
