@@ -179,8 +179,8 @@ def every_part_overload(bundle: Path, tmp: Path, seconds: float = 10.0) -> dict:
     rate = (scored(serve) - n0) / (time.monotonic() - t0)
     serve.stop()
     count = int(rate * seconds)
-    serve = Serve(_profile(bundle, tmp / "over", "every_part", [_synthetic("cam0", 2 * rate, count)]),
-                  tmp, "overload").started()
+    cams = [_synthetic("cam0", 2 * rate, count), {"id": "idle", "source": "external"}]  # keeps serve up
+    serve = Serve(_profile(bundle, tmp / "over", "every_part", cams), tmp, "overload").started()
     try:
         _wait(lambda: serve.base and scored(serve) >= count, 20 * seconds, "every frame to be scored", 0.2)
         body = serve.metrics()

@@ -11,16 +11,14 @@ have (the reason is printed); 2 -- the profile or bundle cannot be served.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from edge_inspect.runtime.orchestrator import Runtime
 from edge_inspect.runtime.profile import Profile
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         while not stopping.is_set() and runtime.error is None:
             ended, why = runtime.sources_ended()
             if ended:
+                _drain(runtime, stopping)
                 break
             stopping.wait(0.2)
     finally:
@@ -56,3 +55,16 @@ def run(args: argparse.Namespace) -> int:
     if ended:
         print("every camera finished its replay", flush=True)
     return 0
+
+
+def _drain(runtime: Runtime, stopping: threading.Event, quiet_s: float = 1.0, max_s: float = 30.0) -> None:
+    """The cameras have ended: score what is still queued (every_part loses nothing) before
+    stopping, i.e. wait until no frame was scored for ``quiet_s`` (at most ``max_s``)."""
+    deadline = time.monotonic() + max_s
+    done, quiet_since = runtime.pipeline.frames_done, time.monotonic()
+    while time.monotonic() < deadline and not stopping.is_set() and runtime.error is None:
+        if runtime.pipeline.frames_done != done:
+            done, quiet_since = runtime.pipeline.frames_done, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        stopping.wait(0.1)

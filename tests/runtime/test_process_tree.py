@@ -103,3 +103,13 @@ def test_finite_replays_end_serve_with_0_and_a_camera_that_gives_up_with_1(bundl
     assert serve.proc.wait(60) == 1
     err = serve.errors()
     assert "every camera has ended: camera cam0 gave up" in err, err
+
+
+def test_every_part_replays_are_scored_to_the_last_frame_before_serve_ends(bundles, tmp_path):
+    """The cameras ending is not the frames ending: what is queued is scored first."""
+    burst = [{"id": "cam0", "source": "synthetic", "size": [250, 250], "fps": None, "count": 120}]
+    serve = Serve(_profile(bundles["memory"], tmp_path, mode="every_part", cameras=burst), tmp_path)
+    serve.started()
+    assert serve.proc.wait(60) == 0
+    out = serve.proc.stdout.read()
+    assert "stopped after 120 frames" in out and "every camera finished its replay" in out, out
