@@ -35,7 +35,7 @@ from edge_inspect.runtime.pipeline import Pipeline, PipelineConfig
 from edge_inspect.runtime.profile import Profile
 from edge_inspect.runtime.sinks import CaptureSink, ResultSocketSink
 from edge_inspect.runtime.source_registry import EXTERNAL, check_source, is_finite
-from edge_inspect.runtime.supervisor import SourceSupervisor
+from edge_inspect.runtime.supervisor import ENDED, SourceSupervisor
 from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig, stop_authenticators
 
 log = logging.getLogger(__name__)
@@ -209,15 +209,15 @@ class Runtime:
         """
         if len(self.processed) != len(self.cameras) or not self.processes:
             return False, None
-        running = any(p.is_alive() or p.exitcode is None for p in self.processes.values())
-        if running or self.supervisor.pending():
+        # a crashed camera (any other exit code) is the supervisor's to restart, not an end
+        if any(p.exitcode not in ENDED for p in self.processes.values()) or self.supervisor.pending():
             return False, None
         problems = []
         for cam in self.processed:
             code = self.processes[cam["id"]].exitcode
             if code == EXIT_GAVE_UP:
                 problems.append(f"camera {cam['id']} gave up (max_reconnects reached; see its log)")
-            elif code != 0 or not is_finite(cam):
+            elif not is_finite(cam):
                 problems.append(f"camera {cam['id']} ended (exit code {code}) although its source "
                                 "does not end by itself")
         return True, "; ".join(problems) or None

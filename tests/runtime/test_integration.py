@@ -118,6 +118,8 @@ def test_killed_source_goes_down_and_is_restarted(bundles, tmp_path, mode):
         _wait(lambda: up() == 1 and inferred() > 3)
         killed = rt.processes["cam0"]
         os.kill(killed.pid, signal.SIGKILL)
+        killed.join(5)
+        assert rt.sources_ended() == (False, None)  # a crash is a restart to come, not the end of serve
         _wait(lambda: up() == 0, timeout=5)
         assert not rt.pipeline.ready()["camera_cam0_fresh"] and not rt.sources_done()
         before = inferred()
