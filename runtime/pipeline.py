@@ -13,7 +13,9 @@ happens while the engine scores another; the engine releases the GIL):
 1. **intake**: receive (``live`` drains everything queued and keeps the newest frame per
    camera, older ones are ``stale`` drops, ``seq`` gaps are ``hwm`` drops; ``every_part``
    takes frames in order), decode (messages that do not decode, lack a plane the bundle
-   needs or carry planes of mismatched sizes are counted as ``malformed`` and skipped),
+   needs or carry planes of mismatched sizes are counted as ``malformed`` and skipped;
+   frames naming a camera the profile does not list, as ``unknown_camera`` under the one
+   label ``camera="unknown"``; nothing a message holds can raise out of intake),
    preprocess (``runtime.preprocess``), hand over
    (:mod:`runtime.handoff`).
 2. **infer** (the thread that calls :meth:`Pipeline.run`): takes up to ``max_batch``
@@ -91,7 +93,7 @@ class Pipeline:
         self.known = frozenset(cfg.cameras)
         self.last_seq: dict[str, int] = {}  # keys: profile cameras only
         self.last_seen: dict[str, float] = {}
-        self.restart_log = ThrottledLog(log, every_s=60.0)
+        self.noisy_log = ThrottledLog(log, every_s=60.0)  # lines a sender could repeat at will
         self.warm = False
         self.frames_done = 0
         self.handoff = FrameHandoff(latest_wins=cfg.mode == "live", capacity=cfg.max_batch)
@@ -130,8 +132,9 @@ class Pipeline:
             log.debug("malformed message dropped: %s", exc.reason)
             self.metrics.drop(UNATTRIBUTED, "malformed")
             return None
-        except Exception:  # noqa: BLE001 - a decoder bug must cost one message, not the service
-            log.exception("message dropped: the decoder failed on it")
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one message, not the service
+            self.noisy_log.warning(("decoder", type(exc).__name__), "message dropped: the decoder "
+                                     "failed on it with %s: %s", type(exc).__name__, exc)
             self.metrics.drop(UNATTRIBUTED, "malformed")
             return None
         cam = msg.camera
@@ -153,10 +156,10 @@ class Pipeline:
             if gap <= self.cfg.max_fps * (now - seen + 1.0):
                 self.metrics.drop(cam, "hwm", gap)
             else:  # more frames than the camera could have sent: a new sequence, not losses
-                self.restart_log.info(cam, "camera %s: seq jumped from %d to %d; taken as a restart "
+                self.noisy_log.info(cam, "camera %s: seq jumped from %d to %d; taken as a restart "
                                       "of its sequence", cam, prev, msg.seq)
         elif prev is not None and msg.seq <= prev:
-            self.restart_log.info(cam, "camera %s restarted its sequence (%d after %d)", cam, msg.seq, prev)
+            self.noisy_log.info(cam, "camera %s restarted its sequence (%d after %d)", cam, msg.seq, prev)
         self.last_seq[cam] = msg.seq
         return msg
 
