@@ -25,7 +25,7 @@ import time
 
 from edge_inspect.runtime.source_registry import make_source
 from edge_inspect.runtime.sources import publish
-from edge_inspect.runtime.transport.sockets import Sender, TransportConfig
+from edge_inspect.runtime.transport.sockets import Sender, TransportConfig, stop_authenticators
 
 log = logging.getLogger(__name__)
 SUBSCRIBER_LOG_S = 5.0  # a live source waiting this long for its subscriber says so
@@ -103,7 +103,8 @@ def camera_process(cam: dict, endpoint: str, mode: str, parent_pid: int | None =
     finally:
         # a finished source delivers what is queued (the context waits for it: the process
         # ends with os._exit, which would otherwise drop ZeroMQ's queue); a stopped one leaves
-        sender.close(linger_ms=0 if stop.is_set() else None)
+        sender.close(linger_ms=0 if stop.is_set() else -1)  # -1: until delivered (or SIGKILL)
+        stop_authenticators()  # a live tcp camera's ZAP thread holds a socket: term() would hang
         sender.ctx.term()
     if getattr(source, "gave_up", False):
         sys.exit(EXIT_GAVE_UP)

@@ -62,9 +62,20 @@ class CaptureStore:
                                   "(a slow disk?)", camera, seq, self.pending.maxsize)
             return False
 
-    def flush(self) -> None:
-        """Wait until every submitted capture is on disk."""
-        self.pending.join()
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every submitted capture is on disk (at most ``timeout_s``: a hung disk
+        must not hold up a shutdown); False when some were still pending."""
+        if timeout_s is None:
+            self.pending.join()
+            return True
+        deadline = time.monotonic() + timeout_s
+        while self.pending.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.pending.unfinished_tasks:
+            log.error("%d captures not written within %.1f s of stopping (a slow disk?)",
+                      self.pending.unfinished_tasks, timeout_s)
+            return False
+        return True
 
     def _write_loop(self) -> None:
         while True:

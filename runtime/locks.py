@@ -17,11 +17,22 @@ LOCK_NAME = ".edge-inspect.lock"
 class FolderLock:
     """Holds ``<folder>/.edge-inspect.lock`` until :meth:`release` (or the process ends)."""
 
-    def __init__(self, folder: str | Path, what: str) -> None:
+    def __init__(self, folder: str | Path, what: str, private: bool = False) -> None:
+        """``private``: the folder (made 0700 when new) must belong to this user -- its ipc
+        sockets are guarded only by the folder's permissions."""
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
+        owner = self.folder.stat().st_uid
+        if private and owner != os.getuid():
+            raise ValueError(f"{what} {self.folder} belongs to another user (uid {owner}), who could "
+                             f"reach its sockets; choose a {what} of your own")
         self.path = self.folder / LOCK_NAME
-        self.file = open(self.path, "a+")  # noqa: SIM115 - held open: the lock lives with it
+        try:  # O_NOFOLLOW: a planted symlink must not make us truncate another file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        except OSError as exc:
+            raise ValueError(f"cannot open the lock file {self.path} ({exc.strerror}); is it a "
+                             f"symlink, or is {what} {self.folder} not writable?") from None
+        self.file = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -158,14 +158,24 @@ class Runtime:
         from edge_inspect.runtime.engines import open_engine
         from edge_inspect.runtime.health import HealthServer
 
-        self.locks.append(FolderLock(self.cfg.endpoint_dir, "endpoint_dir"))
+        self.locks.append(FolderLock(self.cfg.endpoint_dir, "endpoint_dir", private=True))
         try:
             if self.cfg.captures is not None:
                 self.locks.append(FolderLock(self.cfg.captures.folder, "captures folder"))
             engine = open_engine(self.bundle, self.cfg.backend, **self.cfg.backend_options)
             slot = ModelSlot(self.bundle, engine, self.cfg.model_name)
-            self.pipeline = Pipeline(slot, self._frame_receiver(), self._sinks(), self.pipeline_cfg,
-                                     self.metrics)
+            frames = sinks = None
+            try:
+                frames = self._frame_receiver()
+                sinks = self._sinks()
+            except zmq.ZMQError as exc:  # an endpoint in use, a bad address or ipc folder
+                for part in [frames, *(sinks or [])]:
+                    if part is not None:
+                        part.close()
+                raise ValueError(f"cannot open the frames or results endpoint ({exc}); a tcp port "
+                                 "may be in use or the address wrong: fix `frames` / `results` in "
+                                 "the profile") from None
+            self.pipeline = Pipeline(slot, frames, sinks, self.pipeline_cfg, self.metrics)
         except BaseException:
             self._release()
             raise

@@ -38,6 +38,8 @@ from edge_inspect.runtime.metrics import UNATTRIBUTED
 from edge_inspect.runtime.transport.sockets import MODES
 from edge_inspect.runtime.transport.wire import CAMERA_ID
 
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
 
 class ProfileError(ValueError):
     """A profile that cannot be served: the file, the key and the fix, in one line."""
@@ -184,6 +186,13 @@ class Profile:
             if not port.isdigit() or not 0 < int(port) < 65536 - len(cameras):
                 raise ProfileError(f"{source}: frames {frames!r} needs a port, e.g. tcp://127.0.0.1:5555 "
                                    "(live mode: one port per camera from there up)")
+        for key in ("frames", "results"):
+            endpoint = raw.get(key) or ""
+            host = endpoint[len("tcp://"):].rpartition(":")[0]
+            if endpoint.startswith("tcp://") and host not in LOOPBACK and raw.get("security") is None:
+                raise ProfileError(f"{source}: {key} {endpoint} is reachable from other machines and "
+                                   "would take anyone's messages: add a security section (CURVE keys "
+                                   "from `edge-inspect keys`) or bind 127.0.0.1")
         external = [c.id for c in cameras if c.source == "external"]
         if external and raw.get("mode", "live") != "every_part":
             raise ProfileError(f"{source}: cameras {external} are external (sent by another "

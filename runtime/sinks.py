@@ -75,7 +75,7 @@ class CaptureSink:
                                "t_capture_ns": result.t_capture_ns, **result.header})
 
     def flush(self) -> None:
-        self.store.flush()
+        self.store.flush(timeout_s=1.0)
 
     def close(self) -> None:
-        self.store.flush()
+        self.store.flush(timeout_s=1.0)

@@ -74,8 +74,13 @@ class SourceSupervisor:
         return bool(self.restart_at)
 
     def run(self, stop: threading.Event, interval_s: float = 0.2) -> None:
+        """Poll until ``stop``; a failed restart (e.g. too many open files) is logged and
+        retried at the next poll, it never ends supervision."""
         while not stop.wait(interval_s):
-            self.poll()
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - this thread must outlive any one failure
+                log.exception("camera supervision: a poll failed; retrying")
 
     def stop(self) -> None:
         with self.lock:

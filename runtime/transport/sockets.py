@@ -19,6 +19,7 @@ watchdogs; ``max_message_bytes`` (``MAXMSGSIZE``) bounds what a receiver reads i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import zmq
@@ -68,9 +69,12 @@ class TransportConfig:
 
 
 _AUTH = {}
+_DOMAINS = itertools.count()
 
 
-def _start_authenticator(ctx: zmq.Context, client_keys: list[bytes]) -> None:
+def _start_authenticator(ctx: zmq.Context, client_keys: list[bytes]) -> str:
+    """A ZAP domain of its own for one binding socket, accepting ``client_keys`` (one domain
+    per socket: frames and results of one runtime accept different clients)."""
     from zmq.auth.thread import ThreadAuthenticator
 
     auth = _AUTH.get(id(ctx))
@@ -78,7 +82,9 @@ def _start_authenticator(ctx: zmq.Context, client_keys: list[bytes]) -> None:
         auth = ThreadAuthenticator(ctx)
         auth.start()
         _AUTH[id(ctx)] = auth
-    auth.configure_curve_callback("*", credentials_provider=_Allowed(client_keys))
+    domain = f"edge-inspect-{next(_DOMAINS)}"
+    auth.configure_curve_callback(domain, credentials_provider=_Allowed(client_keys))
+    return domain
 
 
 class _Allowed:
@@ -113,7 +119,7 @@ def _socket(ctx: zmq.Context, kind: int, cfg: TransportConfig, bind: bool) -> zm
     if kind == zmq.PUSH:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if bind and cfg.curve_server_secret:
-        _start_authenticator(ctx, cfg.curve_client_keys)
+        sock.zap_domain = _start_authenticator(ctx, cfg.curve_client_keys).encode()
         sock.curve_secretkey = cfg.curve_server_secret
         sock.curve_publickey = cfg.curve_server_public
         sock.curve_server = True

@@ -2,6 +2,7 @@
 the fix, never a traceback; things skipped are logged once and counted."""
 
 import logging
+import os
 import socket
 import threading
 
@@ -87,3 +88,33 @@ def test_skipped_captures_are_counted(tmp_path, caplog):
     store.flush()
     assert store.skipped == taken.count(False) == len(skipped) >= 8 and set(skipped) == {"cam0"}
     assert sum("skipped" in r.getMessage() for r in caplog.records) == 1  # logged once, counted always
+
+
+def test_a_frames_port_in_use_is_one_line(tmp_path, bundles, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, err = _serve(tmp_path, bundles, capsys, mode="every_part", frames=f"tcp://127.0.0.1:{port}")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "cannot open the frames or results endpoint" in err and "Address already in use" in err
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user needs root")
+def test_the_endpoint_dir_must_be_ours(tmp_path, bundles, capsys):
+    (tmp_path / "ep").mkdir()
+    os.chown(tmp_path / "ep", 65534, 65534)  # another user's folder
+    rc, err = _serve(tmp_path, bundles, capsys)
+    assert rc == 2 and "belongs to another user (uid 65534)" in err, err
+
+
+def test_a_planted_lock_symlink_is_not_followed(tmp_path):
+    from edge_inspect.runtime.locks import FolderLock
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / ".edge-inspect.lock").symlink_to(target)
+    with pytest.raises(ValueError, match="is it a symlink"):
+        FolderLock(tmp_path / "planted", "endpoint_dir")
+    assert target.read_text() == "keep me"

@@ -56,17 +56,18 @@ def test_double_ctrl_c_exits_cleanly(bundles, tmp_path):
 
 
 def test_a_second_serve_on_the_same_endpoint_dir_is_refused(bundles, tmp_path):
-    first = Serve(_profile(bundles["memory"], tmp_path), tmp_path).started().ready()
+    profile = _profile(bundles["memory"], tmp_path, captures={"folder": str(tmp_path / "captures")})
+    first = Serve(profile, tmp_path).started().ready()
     try:
-        second = Serve(_profile(bundles["memory"], tmp_path), tmp_path, name="second")
+        second = Serve(profile, tmp_path, name="second")
         assert second.proc.wait(60) == 2
         err = second.errors()
         assert f"in use by another edge-inspect serve (pid {first.pid})" in err and "Traceback" not in err
         assert first.proc.poll() is None and first.value("edge_inspect_camera_up", camera="cam0") == 1
     finally:
         assert first.stop() == 0
-    assert not list((tmp_path / "ep").glob(".tmp-*"))
-    again = Serve(_profile(bundles["memory"], tmp_path), tmp_path, name="again").started().ready()
+    assert not list((tmp_path / "captures").glob("**/.tmp-*"))  # nobody fought over captures
+    again = Serve(profile, tmp_path, name="again").started().ready()
     assert again.stop() == 0  # the lock went with the first process
 
 
