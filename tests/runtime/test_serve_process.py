@@ -7,27 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import cv2
 import yaml
 
+from tests.runtime.serve_proc import http_get, metric
 from tests.runtime.test_no_torch import BLOCK_TORCH, REPO
-
-
-def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def _metric(body, name, **labels):
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", body, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def test_serve_scores_a_camera_and_stops_on_sigterm(bundles, tmp_path):
@@ -54,16 +39,16 @@ def test_serve_scores_a_camera_and_stops_on_sigterm(bundles, tmp_path):
         port = int(re.search(r"127\.0\.0\.1:(\d+)/metrics", line).group(1))
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
-        while _get(base + "/readyz")[0] != 200:
-            assert time.monotonic() < deadline, _get(base + "/readyz")
+        while http_get(base + "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, http_get(base + "/readyz")
             time.sleep(0.2)
-        assert json.loads(_get(base + "/readyz")[1]) == {"engine_warm": True, "camera_line1_fresh": True}
+        assert json.loads(http_get(base + "/readyz")[1]) == {"engine_warm": True, "camera_line1_fresh": True}
         time.sleep(1.5)
-        body = _get(base + "/metrics")[1]
+        body = http_get(base + "/metrics")[1]
         model = {"camera": "line1", "model": "textile-memory"}
-        assert _metric(body, "edge_inspect_frames_inferred_total", **model) > 10
-        assert _metric(body, "edge_inspect_anomalies_total", **model) > 0
-        assert _metric(body, "edge_inspect_camera_up", camera="line1") == 1
+        assert metric(body, "edge_inspect_frames_inferred_total", **model) > 10
+        assert metric(body, "edge_inspect_anomalies_total", **model) > 0
+        assert metric(body, "edge_inspect_camera_up", camera="line1") == 1
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                    text=True).stdout.split()]
         assert children, "the camera runs in its own process"
