@@ -2,6 +2,7 @@
 layout detection, and errors that name what is wrong."""
 
 import copy
+from dataclasses import replace
 import pickle
 import warnings
 
@@ -12,7 +13,12 @@ from safetensors.torch import save_file
 from edge_inspect.trainer.backbones.checkpoint_io import WeightsFileError, read_torchscript_state_dict
 from edge_inspect.trainer.backbones.clip import ClipModel, get_clip_config
 from edge_inspect.trainer.backbones.clip_tokenizer import tokenize
-from edge_inspect.trainer.backbones.clip_weights import load_clip
+from edge_inspect.trainer.backbones.clip_weights import (
+    ClipFileFacts,
+    infer_clip_config,
+    load_clip,
+    named_match,
+)
 
 ARCH = "tiny-p16-w64"
 
@@ -71,7 +77,7 @@ def test_openai_state_dict(tmp_path, reference):
               vocab_size=torch.tensor(49408))  # extras OpenAI state dicts carry
     path = tmp_path / "openai.pt"
     torch.save(sd, path)
-    _same_outputs(load_clip(path, arch=ARCH), model, images, tokens)
+    _same_outputs(load_clip(path, arch=ARCH, act="quick_gelu"), model, images, tokens)
 
 
 @pytest.mark.parametrize("fmt", ["pt", "bin", "safetensors"])
@@ -85,7 +91,7 @@ def test_open_clip_checkpoints(tmp_path, reference, fmt):
         torch.save(sd, path)
     else:
         save_file(sd, str(path))
-    _same_outputs(load_clip(path, arch=ARCH), model, images, tokens)
+    _same_outputs(load_clip(path, arch=ARCH, act="quick_gelu"), model, images, tokens)
 
 
 class Payload:
@@ -129,7 +135,88 @@ def test_architecture_inferred_when_not_given(tmp_path):
     model = ClipModel(get_clip_config("ViT-B-32")).eval()
     path = tmp_path / "b32.safetensors"
     save_file(dict(model.state_dict()), str(path))
-    assert load_clip(path).cfg.name == "ViT-B-32"
+    assert load_clip(path, act="quick_gelu").cfg.name == "ViT-B-32"
+
+
+def test_plain_state_dict_must_name_its_activation(tmp_path, reference):
+    """A state dict does not store the activation: guessing QuickGELU was silently wrong for
+    LAION weights. Refused unless the config or a -quickgelu architecture name says it."""
+    model, images, tokens = reference
+    path = tmp_path / "sd.safetensors"
+    save_file(dict(model.state_dict()), str(path))
+    with pytest.raises(WeightsFileError, match="backbone.act: quick_gelu .* or gelu"):
+        load_clip(path, arch=ARCH)
+    gelu = load_clip(path, arch=ARCH, act="gelu")
+    assert gelu.cfg.act == "gelu"
+    with torch.no_grad():
+        assert (gelu.encode_image(images) - model.encode_image(images)).abs().max() > 1e-4
+
+
+def test_state_dict_of_unnamed_shape_needs_head_counts(tmp_path):
+    """Heads are not in the tensors: a shape no named architecture has is refused, not
+    loaded with width // 64 heads; given heads it loads with them."""
+    cfg = replace(get_clip_config(ARCH), name="custom", width=128, heads=2, text_heads=4)
+    model = ClipModel(cfg).eval()
+    path = tmp_path / "custom.safetensors"
+    save_file(dict(model.state_dict()), str(path))
+    with pytest.raises(WeightsFileError, match="backbone.heads and backbone.text_heads"):
+        load_clip(path, act="quick_gelu")
+    loaded = load_clip(path, act="quick_gelu", heads=2, text_heads=4)
+    assert loaded.visual.transformer.resblocks[0].attn.heads == 2
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+
+
+def test_torchscript_archive_follows_openais_rule_for_unnamed_shapes(tmp_path):
+    """OpenAI's own loader sets heads = width // 64 and QuickGELU; an OpenAI archive of a
+    shape we do not name loads with exactly that."""
+    cfg = replace(get_clip_config(ARCH), name="custom", width=128, heads=2, text_width=64,
+                  text_heads=1)
+    torch.manual_seed(3)
+    model = ClipModel(cfg).eval()
+    images, tokens = torch.randn(1, 3, 64, 64), tokenize(["with defect."])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(copy.deepcopy(model), (images, tokens), check_trace=False)
+    path = tmp_path / "custom.pt"
+    traced.save(str(path))
+    loaded = load_clip(path)
+    assert (loaded.cfg.heads, loaded.cfg.text_heads, loaded.cfg.act) == (2, 1, "quick_gelu")
+    _same_outputs(loaded, model, images, tokens)
+
+
+def test_vit_h14_is_named_with_heads_of_80():
+    """open_clip ViT-H/14: width 1280 in 16 heads of 80; width // 64 would give 20."""
+    with torch.device("meta"):
+        sd = ClipModel(get_clip_config("ViT-H-14")).state_dict()
+    assert named_match(sd).name == "ViT-H-14"
+    cfg = infer_clip_config(sd, ClipFileFacts("state_dict", act="gelu"))
+    assert (cfg.width, cfg.layers, cfg.heads, cfg.head_width, cfg.text_heads) == (1280, 32, 16, 80, 16)
+    assert (cfg.embed_dim, cfg.text_width, cfg.text_layers) == (1024, 1024, 24)
+    assert get_clip_config("ViT-H-14").act == "gelu"
+    assert get_clip_config("ViT-H-14-quickgelu").act == "quick_gelu"
+
+
+def test_corrupt_torchscript_tensor_is_a_weights_error(tmp_path, reference):
+    """A tensor whose storage was truncated used to escape as a bare RuntimeError."""
+    import zipfile
+
+    model, images, tokens = reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(copy.deepcopy(model), (images, tokens), check_trace=False)
+    good = tmp_path / "good.pt"
+    traced.save(str(good))
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        storages = [n for n in src.namelist() if "/data/" in n]
+        biggest = max(storages, key=lambda n: src.getinfo(n).file_size)
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data[: len(data) // 2] if name == biggest else data)
+    with pytest.raises(WeightsFileError, match="bad.pt: cannot read TorchScript archive"):
+        load_clip(bad, arch=ARCH)
 
 
 def test_sharded_hugging_face_folder(tmp_path, reference):

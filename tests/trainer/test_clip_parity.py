@@ -70,3 +70,59 @@ def test_clip_matches_transformers(tmp_path, arch, seed):
             assert (x - hf_text.hidden_states[k]).abs().max() <= TOL, f"text block {k}"
     # The outputs are not trivially equal to something constant.
     assert img.std() > 1e-3 and txt.std() > 1e-3
+
+
+def _hf_folder(folder: Path, seed: int, width: int, heads: int, text_width: int, text_heads: int,
+               act: str) -> "transformers.CLIPModel":
+    hf_cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=text_width, num_hidden_layers=2, num_attention_heads=text_heads,
+                         intermediate_size=4 * text_width, max_position_embeddings=77,
+                         vocab_size=49408, hidden_act=act, eos_token_id=49407, bos_token_id=49406),
+        vision_config=dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
+                           intermediate_size=4 * width, image_size=32, patch_size=8, hidden_act=act),
+        projection_dim=48,
+    )
+    model = transformers.CLIPModel(hf_cfg).eval()
+    model.set_attn_implementation("eager")
+    randomize_(model, seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def _compare(hf, ours, size: int) -> float:
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    tokens = tokenize(["a photo of a scratched metal part.", "with defect."])
+    with torch.no_grad():
+        d_img = (ours.encode_image(images) - _embeds(hf.get_image_features(pixel_values=images))).abs().max()
+        d_txt = (ours.encode_text(tokens) - _embeds(hf.get_text_features(input_ids=tokens))).abs().max()
+    return float(max(d_img, d_txt))
+
+
+@pytest.mark.parametrize("width,heads,text_width,text_heads", [
+    (256, 8, 128, 4),    # head width 32: the old loader used width // 64 = 4 heads (diff ~0.6)
+    (240, 3, 96, 1),     # head width 80 and 96, as open_clip ViT-H/14 has 80
+])
+def test_head_count_is_read_from_the_config(tmp_path, width, heads, text_width, text_heads):
+    hf = _hf_folder(tmp_path / "hf", 3, width, heads, text_width, text_heads, "quick_gelu")
+    ours = load_clip(tmp_path / "hf")
+    assert (ours.cfg.heads, ours.cfg.text_heads) == (heads, text_heads)
+    assert _compare(hf, ours, 32) <= TOL
+
+
+def test_gelu_new_is_the_tanh_gelu(tmp_path):
+    """transformers' gelu_new is the tanh approximation; it used to become quick_gelu."""
+    hf = _hf_folder(tmp_path / "hf", 4, 128, 2, 64, 2, "gelu_new")
+    ours = load_clip(tmp_path / "hf")
+    assert ours.cfg.act == "gelu_tanh"
+    assert _compare(hf, ours, 32) <= TOL
+
+
+def test_unknown_activation_and_contradicting_arch_are_refused(tmp_path):
+    from edge_inspect.trainer.backbones.checkpoint_io import WeightsFileError
+
+    _hf_folder(tmp_path / "silu", 5, 128, 2, 64, 2, "silu")
+    with pytest.raises(WeightsFileError, match="hidden_act 'silu' is not supported"):
+        load_clip(tmp_path / "silu")
+    _hf_folder(tmp_path / "ok", 5, 64, 2, 48, 2, "quick_gelu")  # tiny-p16-w64 has 4 heads
+    with pytest.raises(WeightsFileError, match="2 vision / 2 text heads, architecture"):
+        load_clip(tmp_path / "ok", arch="tiny-p8-w96")

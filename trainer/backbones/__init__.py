@@ -22,7 +22,11 @@ class BackboneSpec:
             clip/dinov2 and is the normal case for texture.
         input_size: square input size; positional embeddings are resized once for it.
         interpolation: positional-embedding resize mode (``bilinear`` or ``bicubic``).
-        act: CLIP activation override (``quick_gelu`` / ``gelu``).
+        act: CLIP activation (``quick_gelu`` / ``gelu`` / ``gelu_tanh``); needed only for a
+            plain state dict, which does not say (OpenAI archives and HF folders do).
+        heads, text_heads: CLIP attention heads per tower, needed only for a plain state
+            dict whose shapes match no named architecture.
+        antialias: antialias the positional-embedding resize (open_clip does; AF-CLIP not).
     """
 
     kind: str = "texture"
@@ -31,6 +35,9 @@ class BackboneSpec:
     input_size: int | None = None
     interpolation: str = "bilinear"
     act: str | None = None
+    heads: int | None = None
+    text_heads: int | None = None
+    antialias: bool = False
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> BackboneSpec:
@@ -77,10 +84,12 @@ def build_clip(spec: BackboneSpec):
     from edge_inspect.trainer.backbones.clip_weights import load_clip
 
     if spec.weights:
-        return load_clip(spec.weights, spec.arch, spec.act, spec.input_size, spec.interpolation)
+        return load_clip(spec.weights, spec.arch, spec.act, spec.input_size, spec.interpolation,
+                         spec.antialias, spec.heads, spec.text_heads)
     model = ClipModel(get_clip_config(spec.arch or "tiny-p16-w64", act=spec.act))
     if spec.input_size:
-        model.visual.set_input_size(spec.input_size, mode=spec.interpolation)
+        model.visual.set_input_size(spec.input_size, mode=spec.interpolation,
+                                    antialias=spec.antialias)
     return model.eval().requires_grad_(False)
 
 

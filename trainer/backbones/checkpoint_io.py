@@ -14,6 +14,7 @@ import io
 import json
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -107,8 +108,10 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
         prefix = data_pkl[0][: -len("data.pkl")]
         try:
             root = _TorchScriptUnpickler(zf.read(data_pkl[0]), zf, prefix).load()
-        except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as exc:
-            raise WeightsFileError(f"{path}: cannot read TorchScript archive: {exc}") from exc
+        except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, RuntimeError,
+                zipfile.BadZipFile, zlib.error) as exc:  # RuntimeError: a tensor past its storage
+            raise WeightsFileError(f"{path}: cannot read TorchScript archive (corrupt or "
+                                   f"truncated; download it again): {exc}") from exc
     out: dict[str, torch.Tensor] = {}
     _flatten_script_object(root, "", out)
     if not out:

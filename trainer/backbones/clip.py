@@ -53,12 +53,17 @@ class ClipConfig:
     act: str = "quick_gelu"  # OpenAI weights: quick_gelu; most open_clip LAION weights: gelu
 
     @property
+    def head_width(self) -> int:
+        return self.width // self.heads
+
+    @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
     def describe(self) -> str:
-        return (f"{self.name}: width {self.width}, {self.layers} blocks, patch {self.patch_size}, "
-                f"input {self.image_size}, embed {self.embed_dim}, text width {self.text_width}")
+        return (f"{self.name}: width {self.width}, {self.layers} blocks, {self.heads} heads of "
+                f"{self.head_width}, patch {self.patch_size}, input {self.image_size}, embed "
+                f"{self.embed_dim}, text width {self.text_width} ({self.text_heads} heads), {self.act}")
 
 
 CLIP_CONFIGS: dict[str, ClipConfig] = {
@@ -68,6 +73,9 @@ CLIP_CONFIGS: dict[str, ClipConfig] = {
         ClipConfig("ViT-B-16", 224, 16, 768, 12, 12, 512, 512, 12, 8),
         ClipConfig("ViT-L-14", 224, 14, 1024, 24, 16, 768, 768, 12, 12),
         ClipConfig("ViT-L-14-336", 336, 14, 1024, 24, 16, 768, 768, 12, 12),
+        # open_clip ViT-H-14 (LAION-2B, DFN): 32 blocks of 16 heads of width 80 (not 1280 / 64),
+        # GELU; the DFN weights use QuickGELU (arch ViT-H-14-quickgelu). CMAD's backbone.
+        ClipConfig("ViT-H-14", 224, 14, 1280, 32, 16, 1024, 1024, 24, 16, act="gelu"),
         # Tiny random-init configs for tests: they differ in patch size and width.
         ClipConfig("tiny-p16-w64", 64, 16, 64, 3, 4, 32, 48, 2, 4),
         ClipConfig("tiny-p8-w96", 48, 8, 96, 4, 6, 40, 64, 2, 4),
@@ -93,12 +101,19 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+
+
 def _activation(name: str) -> nn.Module:
+    """``quick_gelu`` (OpenAI), ``gelu`` (exact, open_clip LAION), ``gelu_tanh`` (the tanh
+    approximation Hugging Face calls ``gelu_new`` / ``gelu_pytorch_tanh``)."""
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"activation {name!r} unknown; use quick_gelu or gelu")
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"activation {name!r} unknown; use one of {ACTIVATIONS}")
 
 
 class MultiheadSelfAttention(nn.Module):

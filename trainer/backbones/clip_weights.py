@@ -5,17 +5,25 @@ The layout is detected from the keys: OpenAI and open_clip share the OpenAI name
 ``vision_model.encoder.layers.*`` and is converted (q/k/v concatenated into
 ``in_proj_weight``, projections transposed). The architecture is inferred from the tensor
 shapes, so a file that does not fit the requested one is reported with what it looks like.
+Head counts and the activation are never guessed from the width: they are read from the
+file (Hugging Face config; OpenAI archives follow OpenAI's rule) or a named architecture,
+or the user is asked for them.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from edge_inspect.trainer.backbones.checkpoint_io import WeightsFileError, check_keys, read_weights
+from edge_inspect.trainer.backbones.checkpoint_io import (
+    WeightsFileError,
+    check_keys,
+    is_torchscript_archive,
+    read_weights,
+)
 from edge_inspect.trainer.backbones.clip import CLIP_CONFIGS, ClipConfig, ClipModel, get_clip_config
 
 log = logging.getLogger(__name__)
@@ -38,42 +46,70 @@ def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def infer_clip_config(sd: dict[str, torch.Tensor], act: str = "quick_gelu") -> ClipConfig:
-    """Architecture from the shapes of an OpenAI-layout state dict.
-
-    Head counts are not stored in the weights; they follow CLIP's rule (width / 64).
-    """
+def _shape_config(sd: dict[str, torch.Tensor]) -> ClipConfig:
+    """Everything the tensor shapes tell; heads (0) and activation are not among it."""
     try:
         conv = sd["visual.conv1.weight"]
         width, patch = conv.shape[0], conv.shape[-1]
         grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
-        text_width = sd["ln_final.weight"].shape[0]
-        cfg = ClipConfig(
+        return ClipConfig(
             name="inferred",
             image_size=grid * patch,
             patch_size=patch,
             width=width,
             layers=_count_blocks(sd, "visual.transformer.resblocks."),
-            heads=max(1, width // 64),
+            heads=0,
             embed_dim=sd["text_projection"].shape[1],
-            text_width=text_width,
+            text_width=sd["ln_final.weight"].shape[0],
             text_layers=_count_blocks(sd, "transformer.resblocks."),
-            text_heads=max(1, text_width // 64),
+            text_heads=0,
             context_length=sd["positional_embedding"].shape[0],
             vocab_size=sd["token_embedding.weight"].shape[0],
             mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
-            act=act,
+            act="",
         )
     except KeyError as exc:
         raise WeightsFileError(f"not a CLIP state dict: key {exc} missing") from exc
+
+
+def named_match(sd: dict[str, torch.Tensor]) -> ClipConfig | None:
+    """The named architecture whose shapes the state dict has, if any."""
+    shapes = _shape_config(sd)
     for known in CLIP_CONFIGS.values():
-        if replace(known, name="inferred", heads=cfg.heads, text_heads=cfg.text_heads,
-                   act=act) == cfg:
-            return replace(known, act=act)
+        if replace(known, name="inferred", heads=0, text_heads=0, act="") == shapes:
+            return known
+    return None
+
+
+def infer_clip_config(sd: dict[str, torch.Tensor], facts: ClipFileFacts | None = None) -> ClipConfig:
+    """Architecture from the shapes of an OpenAI-layout state dict plus what the file says.
+
+    Head counts and the activation are not stored in the weights. They come from the file
+    (a Hugging Face config), from OpenAI's own rule for OpenAI TorchScript archives (width /
+    64, QuickGELU: what OpenAI's loader does), or from a named architecture with the same
+    shapes; otherwise :class:`WeightsFileError` asks for them.
+    """
+    facts = facts or ClipFileFacts("state_dict")
+    cfg = _shape_config(sd)
+    known = named_match(sd)
+    heads, text_heads = facts.heads, facts.text_heads
+    if heads is None:
+        if known is not None:
+            heads, text_heads = known.heads, known.text_heads
+        elif facts.source == "torchscript":
+            heads, text_heads = max(1, cfg.width // 64), max(1, cfg.text_width // 64)
+        else:
+            raise WeightsFileError(
+                f"shapes match no named CLIP architecture ({', '.join(CLIP_CONFIGS)}) and a "
+                f"{facts.source} does not store head counts; set backbone.heads and "
+                f"backbone.text_heads (vision width {cfg.width}, text width {cfg.text_width})")
+    cfg = replace(known or cfg, heads=heads, text_heads=text_heads, act=facts.act or "")
+    if known is not None and (heads, text_heads) != (known.heads, known.text_heads):
+        cfg = replace(cfg, name=f"{known.name} (file heads {heads}/{text_heads})")
     return cfg
 
 
-def hf_to_openai(sd: dict[str, torch.Tensor], config: dict | None = None) -> dict[str, torch.Tensor]:
+def hf_to_openai(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a Hugging Face ``CLIPModel`` state dict to the OpenAI layout."""
     out: dict[str, torch.Tensor] = {}
     v, t = "vision_model.", "text_model."
@@ -105,15 +141,54 @@ def hf_to_openai(sd: dict[str, torch.Tensor], config: dict | None = None) -> dic
     return out
 
 
-def _hf_activation(config: dict | None) -> str | None:
-    if not config:
-        return None
-    act = config.get("vision_config", {}).get("hidden_act", "quick_gelu")
-    return {"quick_gelu": "quick_gelu", "gelu": "gelu"}.get(act)
+# Hugging Face ``hidden_act`` names and ours; anything else is refused, not approximated.
+_HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                   "gelu_pytorch_tanh": "gelu_tanh"}
+# transformers' CLIPVisionConfig / CLIPTextConfig defaults, used when config.json omits a key.
+_HF_DEFAULTS = {"vision_config": {"num_attention_heads": 12, "hidden_act": "quick_gelu"},
+                "text_config": {"num_attention_heads": 8, "hidden_act": "quick_gelu"}}
 
 
-def read_clip_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str | None]:
-    """OpenAI-layout state dict of any supported file, its detected layout and activation."""
+@dataclass(frozen=True)
+class ClipFileFacts:
+    """What a weights file says beyond its tensor shapes.
+
+    ``source`` is ``torchscript`` (an OpenAI archive), ``hf`` (a Hugging Face folder with
+    config.json) or ``state_dict`` (OpenAI / open_clip tensors alone: no head count, no
+    activation).
+    """
+
+    source: str
+    heads: int | None = None
+    text_heads: int | None = None
+    act: str | None = None
+
+
+def _hf_facts(config: dict, path: Path) -> ClipFileFacts:
+    """Heads and activation from a ``CLIPModel`` config.json, as transformers reads it."""
+    found = {}
+    for tower, defaults in _HF_DEFAULTS.items():
+        sub = {**defaults, **(config.get(tower) or {})}
+        act = _HF_ACTIVATIONS.get(sub["hidden_act"])
+        if act is None:
+            raise WeightsFileError(f"{path}: {tower}.hidden_act {sub['hidden_act']!r} is not "
+                                   f"supported; supported: {sorted(_HF_ACTIVATIONS)}")
+        eps = sub.get("layer_norm_eps", 1e-5)
+        if abs(float(eps) - 1e-5) > 1e-12:
+            raise WeightsFileError(f"{path}: {tower}.layer_norm_eps {eps} is not supported "
+                                   "(CLIP uses 1e-5)")
+        found[tower] = (int(sub["num_attention_heads"]), act)
+    (heads, act), (text_heads, text_act) = found["vision_config"], found["text_config"]
+    if act != text_act:
+        raise WeightsFileError(f"{path}: the towers use different activations ({act} vision, "
+                               f"{text_act} text); edge-inspect supports one per model")
+    return ClipFileFacts("hf", heads, text_heads, act)
+
+
+def read_clip_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str, ClipFileFacts]:
+    """OpenAI-layout state dict of any supported file, its detected layout, and what the
+    file says about heads and activation."""
+    path = Path(path)
     sd, hf_config = read_weights(path)
     layout = detect_clip_layout(sd)
     if layout == "unknown":
@@ -122,15 +197,19 @@ def read_clip_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str
             "vision_model.embeddings.patch_embedding.weight); DINOv2 files load with "
             "trainer.backbones.dinov2.load_dinov2"
         )
-    act = None
+    if hf_config is not None:
+        facts = _hf_facts(hf_config, path)
+    elif path.is_file() and is_torchscript_archive(path):
+        facts = ClipFileFacts("torchscript", act="quick_gelu")
+    else:
+        facts = ClipFileFacts("state_dict")
     if layout == "hf":
         try:
-            sd = hf_to_openai(sd, hf_config)
+            sd = hf_to_openai(sd)
         except KeyError as exc:
             raise WeightsFileError(f"{path}: Hugging Face CLIP layout without key {exc}") from exc
-        act = _hf_activation(hf_config)
     sd = {k: v.float() for k, v in sd.items() if k not in _IGNORED_KEYS}
-    return sd, layout, act
+    return sd, layout, facts
 
 
 def load_clip(
@@ -140,6 +219,8 @@ def load_clip(
     input_size: int | tuple[int, int] | None = None,
     interpolation: str = "bilinear",
     antialias: bool = False,
+    heads: int | None = None,
+    text_heads: int | None = None,
 ) -> ClipModel:
     """Build a :class:`ClipModel` from a weights file, fp32, frozen, in eval mode.
 
@@ -147,28 +228,57 @@ def load_clip(
         path: OpenAI archive (TorchScript or state dict), open_clip checkpoint
             (.pt/.bin/.safetensors) or Hugging Face ``CLIPModel`` folder.
         arch: expected architecture (``ViT-L-14-336``); inferred from the file when None.
-        act: ``quick_gelu`` (OpenAI weights, the default) or ``gelu`` (most LAION open_clip
-            weights); a Hugging Face config decides for itself.
+        act: ``quick_gelu`` (OpenAI weights) or ``gelu`` (most LAION open_clip weights).
+            Required for a plain state dict, which does not say; an OpenAI TorchScript
+            archive (QuickGELU) and a Hugging Face config say it themselves.
+        heads, text_heads: attention heads per tower, for a plain state dict whose shapes
+            match no named architecture (head counts are not stored in the tensors).
         input_size: resize and bake the positional embedding for this input size.
         interpolation: ``bilinear`` (AF-CLIP, AnomalyCLIP) or ``bicubic`` (open_clip).
         antialias: torch's antialias flag for the resize.
     """
     path = Path(path)
-    sd, layout, file_act = read_clip_state_dict(path)
-    act = act or file_act or "quick_gelu"
-    looks_like = None
+    sd, layout, facts = read_clip_state_dict(path)
+    if heads is not None or text_heads is not None:
+        if heads is None or text_heads is None:
+            raise WeightsFileError("set both backbone.heads and backbone.text_heads, or neither")
+        if facts.heads is not None and (facts.heads, facts.text_heads) != (heads, text_heads):
+            raise WeightsFileError(f"{path} says {facts.heads}/{facts.text_heads} heads, the "
+                                   f"config {heads}/{text_heads}; drop backbone.heads")
+        facts = replace(facts, heads=heads, text_heads=text_heads)
+    if act is not None:
+        if facts.act is not None and act != facts.act:
+            raise WeightsFileError(f"{path} was trained with {facts.act}, the config asks for "
+                                   f"{act}; drop backbone.act")
+        facts = replace(facts, act=act)
     try:
-        inferred = infer_clip_config(sd, act=act)
+        inferred = infer_clip_config(sd, facts)
         looks_like = inferred.describe()
-    except WeightsFileError:
-        inferred = None
-    cfg = get_clip_config(arch, act=act) if arch else inferred
-    if cfg is None:
-        raise WeightsFileError(f"{path}: cannot infer the CLIP architecture; pass arch=")
+    except WeightsFileError as exc:
+        if not arch:
+            raise WeightsFileError(f"{path}: {exc}") from exc
+        inferred, looks_like = None, None
+    if arch:
+        cfg = get_clip_config(arch)
+        if facts.heads is not None and (facts.heads, facts.text_heads) != (cfg.heads, cfg.text_heads):
+            raise WeightsFileError(
+                f"{path} has {facts.heads} vision / {facts.text_heads} text heads, architecture "
+                f"{arch} {cfg.heads} / {cfg.text_heads}; drop backbone.arch to use the file's")
+        fixed_act = facts.act or (cfg.act if arch.endswith("-quickgelu") else None)
+        cfg = replace(cfg, act=fixed_act or "")
+    else:
+        cfg = inferred
+    with torch.device("meta"):  # keys and shapes only; the activation does not change them
+        expected = ClipModel(replace(cfg, act=cfg.act or "quick_gelu")).state_dict()
+    check_keys(expected, sd, path, cfg.name, looks_like)
+    if not cfg.act:
+        raise WeightsFileError(
+            f"{path}: a plain state dict does not say which activation its MLPs use; set "
+            "backbone.act: quick_gelu (OpenAI weights) or gelu (LAION / DataComp open_clip "
+            "weights)")
     model = ClipModel(cfg)
-    check_keys(model.state_dict(), sd, path, cfg.name, looks_like)
     model.load_state_dict(sd)
-    log.info("loaded CLIP %s (%s layout, %s) from %s", cfg.name, layout, act, path)
+    log.info("loaded CLIP %s (%s layout) from %s", cfg.describe(), layout, path)
     if input_size is not None:
         model.visual.set_input_size(input_size, mode=interpolation, antialias=antialias)
     model.eval().requires_grad_(False)

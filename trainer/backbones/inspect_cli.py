@@ -38,9 +38,14 @@ def describe_weights(path: Path) -> str:
     n_params = sum(v.numel() for v in raw.values())
     lines = [f"{path}: {container}, {len(raw)} tensors, {n_params / 1e6:.1f} M values"]
     if detect_clip_layout(raw) != "unknown":
-        sd, layout, act = read_clip_state_dict(path)
-        cfg = infer_clip_config(sd, act=act or "quick_gelu")
-        lines.append(f"CLIP ({layout} layout): {cfg.describe()}")
+        sd, layout, facts = read_clip_state_dict(path)
+        try:
+            lines.append(f"CLIP ({layout} layout): {infer_clip_config(sd, facts).describe()}")
+        except WeightsFileError as exc:
+            lines.append(f"CLIP ({layout} layout), architecture not fully known: {exc}")
+        if not facts.act:
+            lines.append("activation: not stored in a plain state dict; set backbone.act "
+                         "(quick_gelu for OpenAI weights, gelu for LAION open_clip)")
     elif any("patch_embeddings.projection" in k for k in raw) or "patch_embed.proj.weight" in raw:
         sd = raw if "patch_embed.proj.weight" in raw else hf_dinov2_to_official(raw)
         lines.append(f"DINOv2: {infer_dinov2_config(sd).describe()}")
