@@ -43,7 +43,6 @@ OUTPUT_MEANING = {
     "score": "anomaly score per image; anomalous when > threshold",
     "map": "per-pixel anomaly map at the input size, after the method's smoothing",
 }
-INTERPOLATION = {"resize": "bicubic", "center_crop": "none"}  # what runtime.preprocess does
 
 
 def parity_images(cfg: RunConfig, folder: Path | None, count: int) -> list[np.ndarray]:
@@ -84,13 +83,14 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
     if cfg.method == "memory" and not ckpt.memory:
         raise ValueError(f"{checkpoint} has no few-shot memory; the memory method needs an "
                          "enrolled checkpoint (eval writes them: "
-                         f"{run_dir}/eval/enrolled/<dataset>-<class>.safetensors)")
+                         f"{run_dir}/eval-<K>shot/enrolled/<dataset>-<class>.safetensors)")
     memory = {k: v.detach().float().contiguous() for k, v in head.memory_state().items()}
     h, w = head.backbone.input_size
-    pictures = [fit_image(im, (h, w), cfg.fit_mode) for im in parity_images(cfg, images, parity_count)]
+    pictures = [fit_image(im, (h, w), cfg.fit_mode, cfg.interpolation)
+                for im in parity_images(cfg, images, parity_count)]
     frames = np.stack(pictures)
 
-    batch = to_batch(pictures, (h, w), head.backbone.normalization, cfg.fit_mode)
+    batch = to_batch(pictures, (h, w), head.backbone.normalization, cfg.fit_mode, cfg.interpolation)
     with torch.no_grad():
         want_score, want_map, want_feats = head.forward_with_features(batch)
     feature_names = sorted(want_feats)
@@ -173,7 +173,7 @@ def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats:
         "model": "model.onnx",
         "inputs": [{"name": "image", "modality": "rgb", "dtype": "uint8", "layout": "NHWC",
                     "size": [h, w], "channels": 3, "color": "RGB", "fit": cfg.fit_mode,
-                    "interpolation": INTERPOLATION[cfg.fit_mode],
+                    "interpolation": "none" if cfg.fit_mode == "center_crop" else cfg.interpolation,
                     "normalization": {"mean": list(norm.mean), "std": list(norm.std),
                                       "formula": "(x / 255 - mean) / std", "in_graph": True}}],
         "outputs": outputs,

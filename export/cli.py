@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint to export (default <run>/checkpoint.safetensors; an enrolled "
-                             "one from <run>/eval/enrolled/ brings the few-shot memory and threshold)")
+                             "one from <run>/eval-<K>shot/enrolled/ brings the few-shot memory and "
+                             "threshold)")
     parser.add_argument("--images", type=Path, default=None,
                         help="folder of real images for the parity check (default: the run's data)")
     parser.add_argument("--parity-images", type=int, default=8, help="images in the parity check")

@@ -54,8 +54,8 @@ def build_bundle(bundle: Path, shots: int, seed: int) -> tuple[Path, set[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
         (run / "config.yaml").write_text(cfg.to_yaml())
-        evaluate_run(cfg, None, run / "eval")
-        export_bundle(run, bundle, run / "eval" / "enrolled" / "textile-textile.safetensors")
+        evaluate_run(cfg, None, run / "eval-demo")
+        export_bundle(run, bundle, run / "eval-demo" / "enrolled" / "textile-textile.safetensors")
     return bundle, seen_images(cfg)
 
 

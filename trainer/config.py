@@ -5,6 +5,8 @@ name: afclip-visa-to-mvtec        # run folder: runs/<name> unless --run-dir
 method: afclip                    # a registered method: afclip | cmad | memory | ...
 backbone: configs/backbones/clip-vit-l14-336-518.yaml   # a file or an inline mapping
 seed: 0
+fit: resize                       # resize | short_side_crop | center_crop (texture default)
+interpolation: bicubic            # bicubic (OpenCV) | bicubic_antialias (PIL, as the papers' code)
 shots: 0                          # K normal images per target class (0: zero-shot)
 data:
   train: [{name: visa, kind: visa, root: data/visa, split: test}]   # auxiliary, labelled
@@ -12,7 +14,9 @@ data:
 head: {}                          # method hyperparameters (AfClipConfig / CmadConfig / ...)
 train: {}                         # epochs or steps, batch_size, lr, betas, ...
 calibration: {false_alarm_rate: 0.01, normals: 20}
-eval: {batch_size: 8, overlays: 6, save_enrolled: true}
+eval: {batch_size: 8, overlays: 6, save_enrolled: true,
+       aupro: exact,                # exact | afclip (AF-CLIP's official 200-threshold AUPRO)
+       shot_seeds: [122, 123, 124]} # few-shot protocol: K shots drawn once per seed, averaged
 ```
 
 Every key is checked: a misspelt key is an error naming the allowed ones. The resolved
@@ -28,14 +32,17 @@ from typing import Any
 
 import yaml
 
+from edge_inspect.runtime.preprocess import FIT_MODES, RESAMPLERS
 from edge_inspect.trainer.backbones import BackboneSpec
 from edge_inspect.trainer.data.registry import DatasetSpec
 from edge_inspect.trainer.heads.registry import get_method
+from edge_inspect.trainer.metrics import AUPRO_PROTOCOLS
 
 TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "betas", "checkpoint_every", "workers",
               "log_every")
 CALIBRATION_DEFAULTS = {"false_alarm_rate": 0.01, "normals": 20}
-EVAL_DEFAULTS = {"batch_size": 8, "overlays": 6, "save_enrolled": True, "limit": None}
+EVAL_DEFAULTS = {"batch_size": 8, "overlays": 6, "save_enrolled": True, "limit": None,
+                 "aupro": "exact", "shot_seeds": None}
 
 
 class ConfigError(ValueError):
@@ -62,6 +69,7 @@ class RunConfig:
     seed: int = 0
     shots: int = 0
     fit: str | None = None
+    interpolation: str = "bicubic"
     calibration: dict = field(default_factory=lambda: dict(CALIBRATION_DEFAULTS))
     eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
     source: str = "config"
@@ -69,8 +77,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config", base: Path | None = None) -> RunConfig:
         raw = copy.deepcopy(raw)
-        _check_keys(raw, ("name", "method", "backbone", "seed", "shots", "fit", "data", "head",
-                          "train", "calibration", "eval"), source)
+        _check_keys(raw, ("name", "method", "backbone", "seed", "shots", "fit", "interpolation",
+                          "data", "head", "train", "calibration", "eval"), source)
         method = raw.get("method")
         spec = get_method(method, source)
         backbone = raw.get("backbone", {"kind": "texture"})
@@ -110,6 +118,22 @@ class RunConfig:
         _check_keys(calibration, tuple(CALIBRATION_DEFAULTS), f"{source}: calibration")
         evaluation = {**EVAL_DEFAULTS, **(raw.get("eval") or {})}
         _check_keys(evaluation, tuple(EVAL_DEFAULTS), f"{source}: eval")
+        if evaluation["aupro"] not in AUPRO_PROTOCOLS:
+            raise ConfigError(f"{source}: eval.aupro {evaluation['aupro']!r} unknown; choose one "
+                              f"of {AUPRO_PROTOCOLS}")
+        seeds = evaluation["shot_seeds"]
+        if seeds is not None:
+            if not isinstance(seeds, list) or not seeds or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+                raise ConfigError(f"{source}: eval.shot_seeds must be a list of integers (one "
+                                  f"few-shot draw each), got {seeds!r}")
+        fit = raw.get("fit")
+        if fit is not None and fit not in FIT_MODES:
+            raise ConfigError(f"{source}: fit {fit!r} unknown; choose one of {FIT_MODES}")
+        interpolation = raw.get("interpolation", "bicubic")
+        if interpolation not in RESAMPLERS:
+            raise ConfigError(f"{source}: interpolation {interpolation!r} unknown; choose one of "
+                              f"{RESAMPLERS}")
         shots = int(raw.get("shots", 0))
         if shots < 0:
             raise ConfigError(f"{source}: shots must be >= 0, got {shots}")
@@ -123,7 +147,7 @@ class RunConfig:
             raise ConfigError(f"{source}: {method} trains on auxiliary datasets; list them under "
                               "data.train")
         return cls(raw.get("name") or Path(source).stem, method, backbone, train_data, target_data,
-                   head, train, int(raw.get("seed", 0)), shots, raw.get("fit"), calibration,
+                   head, train, int(raw.get("seed", 0)), shots, fit, interpolation, calibration,
                    evaluation, source)
 
     @classmethod
@@ -158,6 +182,7 @@ class RunConfig:
             "name": self.name, "method": self.method,
             "backbone": {k: v for k, v in asdict(self.backbone).items() if v is not None},
             "seed": self.seed, "shots": self.shots, "fit": self.fit_mode,
+            "interpolation": self.interpolation,
             "data": {"train": [d.as_dict() for d in self.train_data],
                      "target": [d.as_dict() for d in self.target_data]},
             "head": self.head, "train": self.train, "calibration": self.calibration,

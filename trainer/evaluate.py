@@ -15,13 +15,17 @@ For every class of every target dataset:
    calibration) for export.
 
 Writes ``metrics.json`` (per class and mean), ``roc.png``, ``histograms.png`` and
-``overlays/<dataset>-<class>.png`` (worst misses and worst false alarms) per dataset.
+``overlays/<dataset>-<class>.png`` (worst misses and worst false alarms) per dataset, into
+``<out>.partial/`` renamed to ``<out>`` when complete; an existing ``<out>`` is never
+overwritten. With ``eval.shot_seeds`` the whole evaluation runs once per shot seed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import zlib
 from pathlib import Path
 
@@ -65,12 +69,15 @@ def _class_seed(seed: int, name: str) -> list[int]:
 
 
 def split_normals(cfg: RunConfig, spec: DatasetSpec, test: RecordDataset,
-                  train: RecordDataset | None, cls: str) -> tuple[list[Item], list[Item], list[int]]:
-    """Seeded ``(shots, calibration normals, test indices)`` for one class."""
+                  train: RecordDataset | None, cls: str,
+                  seed: int | None = None) -> tuple[list[Item], list[Item], list[int]]:
+    """Seeded ``(shots, calibration normals, test indices)`` for one class (``seed``: the
+    draw's seed, default the config's)."""
+    seed = cfg.seed if seed is None else seed
     test_idx = [i for i, r in enumerate(test.records) if r.class_name == cls]
     source = train if train is not None else test
     pool = [i for i, r in enumerate(source.records) if r.class_name == cls and r.label == 0]
-    order = np.random.default_rng(_class_seed(cfg.seed, cls)).permutation(len(pool))
+    order = np.random.default_rng(_class_seed(seed, cls)).permutation(len(pool))
     k, n_cal = cfg.shots, int(cfg.calibration["normals"])
     if train is None:
         n_cal = min(n_cal, max(0, len(pool) - k - 1))  # keep a normal image to test on
@@ -86,6 +93,7 @@ def split_normals(cfg: RunConfig, spec: DatasetSpec, test: RecordDataset,
     if limit and len(test_idx) > limit:
         keep = np.random.default_rng(_class_seed(cfg.seed + 1, cls)).choice(len(test_idx), limit,
                                                                             replace=False)
+        # the test subset is the config seed's for every shot seed: seeds differ in shots only
         test_idx = [test_idx[j] for j in sorted(keep)]
     return shots, calib, test_idx
 
@@ -108,7 +116,7 @@ def score_items(head: AnomalyHead, loader: BatchLoader, items: list[Item], batch
 
 
 def _calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader, calib: list[Item],
-               labels: np.ndarray, scores: np.ndarray, desc: str) -> dict:
+               labels: np.ndarray, scores: np.ndarray, defects: list[str], desc: str) -> dict:
     out: dict = {}
     target = float(cfg.calibration["false_alarm_rate"])
     if calib:
@@ -125,6 +133,10 @@ def _calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader, calib: li
         normal, anomalous = scores[labels == 0], scores[labels == 1]
         out["test_false_alarm_rate"] = float((normal > thr).mean()) if normal.size else None
         out["test_miss_rate"] = float((anomalous <= thr).mean()) if anomalous.size else None
+        kinds = sorted({d for d, y in zip(defects, labels, strict=True) if y == 1})
+        out["test_miss_rate_by_defect"] = {
+            k: float(np.mean([s <= thr for s, d in zip(scores, defects, strict=True) if d == k]))
+            for k in kinds}
     return out
 
 
@@ -160,16 +172,17 @@ def _sheet(head: AnomalyHead, loader: BatchLoader, items: list[Item], scores: np
 
 
 def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_dir: Path,
-                     ckpt_params: dict, tag: str) -> dict:
+                     ckpt_params: dict, tag: str, seed: int | None = None) -> dict:
     """Every class of one target dataset; returns its section of metrics.json."""
-    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode)
+    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
+                         cfg.interpolation)
     test = spec.open(spec.split)
     needs_normals = cfg.shots > 0 or cfg.calibration["normals"] > 0
     train = spec.open("train") if spec.has_train_split and needs_normals else None
     classes, curves, hists = {}, {}, {}
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     for cls in test.class_names:
-        shots, calib, test_idx = split_normals(cfg, spec, test, train, cls)
+        shots, calib, test_idx = split_normals(cfg, spec, test, train, cls, seed)
         if shots:
             head.enroll(loader(shots).images)
         else:
@@ -182,10 +195,11 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
         if labels.min() != labels.max():
             has_masks = bool(masks.any())
             row |= evaluate(labels, scores, masks if has_masks else None,
-                            maps if has_masks else None).as_dict()
+                            maps if has_masks else None, cfg.eval["aupro"]).as_dict()
         else:
             row["note"] = "only one label among the test images: no AUROC"
-        row["calibration"] = cal = _calibrate(cfg, head, loader, calib, labels, scores,
+        defects = [test.records[i].defect for i in test_idx]
+        row["calibration"] = cal = _calibrate(cfg, head, loader, calib, labels, scores, defects,
                                               f"{tag}{spec.name}/{cls} calibration")
         chosen = cal[cal["chosen"]] if cal["chosen"] else None
         threshold = chosen["threshold"] if chosen else None
@@ -210,35 +224,121 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
     return {"classes": classes, "mean": mean}
 
 
+class EvalDirError(ValueError):
+    """An evaluation folder that already holds results (they are never overwritten)."""
+
+
+PARTIAL = ".partial"
+
+
+def eval_dir_for(run_dir: Path, cfg: RunConfig) -> Path:
+    """``<run>/eval-<K>shot``, or ``-2``, ``-3``... when that already holds results.
+
+    One name for every method; results are never overwritten, so a second evaluation of
+    the same run gets the next free name.
+    """
+    base = run_dir / f"eval-{cfg.shots}shot"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _start_partial(out_dir: Path) -> Path:
+    """The folder results are written to until they are complete (renamed at the end).
+
+    An existing ``out_dir`` is refused; a ``.partial`` left by an interrupted evaluation is
+    incomplete by its name and is replaced.
+    """
+    if out_dir.exists():
+        raise EvalDirError(f"{out_dir} already holds results; pass another --out (nothing was "
+                           "changed)")
+    partial = out_dir.with_name(out_dir.name + PARTIAL)
+    if partial.exists():
+        log.warning("removing %s: the incomplete output of an interrupted evaluation", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _seed_mean(per_seed: dict[int, dict]) -> dict:
+    """Per dataset: class rows and means averaged over shot seeds, with their spread."""
+    first = next(iter(per_seed.values()))
+    out = {}
+    for name in first:
+        runs = [per_seed[s][name] for s in per_seed]
+        classes = {}
+        for cls in first[name]["classes"]:
+            rows = [r["classes"][cls] for r in runs]
+            classes[cls] = _mean_rows(rows)
+        means = [r["mean"] for r in runs]
+        out[name] = {"classes": classes, "mean": _mean_rows(means),
+                     "std": {k: float(np.std([m[k] for m in means])) if means[0].get(k) is not None
+                             else None for k in means[0]},
+                     "per_seed": {str(s): per_seed[s][name]["mean"] for s in per_seed}}
+    return out
+
+
+def _mean_rows(rows: list[dict]) -> dict:
+    """The mean of every number (nested dicts too) shared by ``rows``."""
+    out: dict = {}
+    for key, value in rows[0].items():
+        vals = [r.get(key) for r in rows]
+        if isinstance(value, bool) or not all(isinstance(v, int | float) for v in vals):
+            if isinstance(value, dict) and all(isinstance(v, dict) for v in vals):
+                out[key] = _mean_rows(vals)
+            continue
+        out[key] = float(np.mean(vals))
+    return out
+
+
 def evaluate_run(cfg: RunConfig, checkpoint: Path | None, out_dir: Path) -> dict:
-    """Evaluate on every target dataset (and every variant the head asks for)."""
+    """Evaluate on every target dataset (every variant the head asks for, every shot seed).
+
+    With ``eval.shot_seeds`` (the few-shot protocol: K shots drawn with each seed), each
+    seed writes ``seed-<s>/`` and ``metrics.json`` holds the mean and spread over seeds.
+    Results go to ``out_dir.partial`` and are renamed to ``out_dir`` when complete.
+    """
     if not cfg.target_data:
         raise ValueError(f"{cfg.source}: no target datasets under data.target to evaluate on")
     head = load_head(cfg, checkpoint)
     params = {k: v.detach().clone() for k, v in head.trainable_state().items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    work = _start_partial(out_dir)
+    seeds = list(cfg.eval["shot_seeds"] or [cfg.seed]) if cfg.shots else [cfg.seed]
     variants = head.evaluation_variants()
-    results = {}
-    for variant in variants:
-        head.set_variant(variant)
-        vdir = out_dir if len(variants) == 1 else out_dir / variant.replace(":", "-")
-        tag = "" if len(variants) == 1 else f"[{variant}] "
-        results[variant or "default"] = {
-            spec.name: evaluate_dataset(cfg, head, spec, vdir, params, tag) for spec in cfg.target_data
-        }
-
-    def overall(res: dict) -> float:
-        vals = [d["mean"]["image_auroc"] for d in res.values() if d["mean"]["image_auroc"] is not None]
-        return float(np.mean(vals)) if vals else float("-inf")
-
-    best = max(results, key=lambda v: overall(results[v]))
-    report = {"name": cfg.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
-              "checkpoint": str(checkpoint) if checkpoint else None, "datasets": results[best]}
-    if len(variants) > 1:
-        report["variant"] = best
-        report["variants"] = results
-    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    per_seed, report = {}, {}
+    for seed in seeds:
+        sdir = work if len(seeds) == 1 else work / f"seed-{seed}"
+        results = {}
+        for variant in variants:
+            head.set_variant(variant)
+            vdir = sdir if len(variants) == 1 else sdir / variant.replace(":", "-")
+            tag = "" if len(variants) == 1 else f"[{variant}] "
+            tag += "" if len(seeds) == 1 else f"[seed {seed}] "
+            results[variant or "default"] = {
+                spec.name: evaluate_dataset(cfg, head, spec, vdir, params, tag, seed)
+                for spec in cfg.target_data}
+        best = max(results, key=lambda v: _overall(results[v]))
+        per_seed[seed] = results[best]
+        report = {"name": cfg.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+                  "aupro_protocol": cfg.eval["aupro"],
+                  "checkpoint": str(checkpoint) if checkpoint else None, "datasets": results[best]}
+        if len(variants) > 1:
+            report["variant"] = best
+            report["variants"] = results
+    if len(seeds) > 1:
+        report["shot_seeds"] = seeds
+        report["datasets"] = _seed_mean(per_seed)
+        report["seeds"] = {str(s): per_seed[s] for s in seeds}
+    atomic_write(work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    os.replace(work, out_dir)
     return report
+
+
+def _overall(res: dict) -> float:
+    vals = [d["mean"]["image_auroc"] for d in res.values() if d["mean"]["image_auroc"] is not None]
+    return float(np.mean(vals)) if vals else float("-inf")
 
 
 def summary_table(report: dict) -> str:

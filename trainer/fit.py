@@ -4,7 +4,8 @@ State is written every ``checkpoint_every`` steps and at the end of each phase t
 ``<run>/train_state.pt`` (parameters, optimizer moments, phase and step; tensors and
 numbers only, read back with ``weights_only=True``). ``--resume`` continues from it with
 the same batch order (batches are a seeded function of the step). At the end the
-trainable parameters go to ``<run>/checkpoint.safetensors`` with the resolved config.
+trainable parameters go to ``<run>/checkpoint.safetensors`` with the resolved config;
+``train_log.jsonl`` holds the logged losses and ``loss.png`` draws them.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from edge_inspect.trainer.config import RunConfig, build_head
 from edge_inspect.trainer.data.batches import BatchLoader, StepBatches
 from edge_inspect.trainer.heads.base import AnomalyHead, TrainPhase
 from edge_inspect.trainer.heads.registry import get_method
+from edge_inspect.trainer.plots import plot_loss
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+LOG_FILE = "train_log.jsonl"
+LOSS_PLOT = "loss.png"
 INIT_BATCHES = 4  # batches a head may look at before a phase starts (CMAD prototype init)
 
 
@@ -33,9 +37,24 @@ class RunDirError(ValueError):
     """A run folder that would be overwritten or does not match its config."""
 
 
+def _started(run_dir: Path) -> bool:
+    """Whether a run folder holds any result: a saved step or a checkpoint."""
+    return (run_dir / STATE_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists()
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Create the run folder and write the resolved config; never clobber another run."""
+    """Create the run folder and write the resolved config; never clobber another run.
+
+    A folder whose earlier start saved nothing (it failed or was interrupted before the
+    first saved step) holds no result: it is taken over, so a retry just works, with or
+    without ``--resume`` and with a corrected config.
+    """
     config_file = run_dir / "config.yaml"
+    if config_file.exists() and not _started(run_dir):
+        log.info("%s: the earlier start saved no step; starting it again", run_dir)
+        (run_dir / LOG_FILE).unlink(missing_ok=True)
+        atomic_write(config_file, lambda tmp: tmp.write_text(cfg.to_yaml()))
+        return
     if config_file.exists():
         if not resume:
             raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or "
@@ -68,8 +87,11 @@ def _save_state(path: Path, head: AnomalyHead, phase: int, step: int,
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
-    """Train the head the config describes; returns the checkpoint path."""
-    prepare_run_dir(cfg, run_dir, resume)
+    """Train the head the config describes; returns the checkpoint path.
+
+    The head, the data and the phases are checked before the run folder is written, so a
+    config mistake leaves nothing behind.
+    """
     torch.manual_seed(cfg.seed)
     head = build_head(cfg)
     training = get_method(cfg.method).training
@@ -79,6 +101,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     phases = training.phases(head, list(datasets), cfg.train)
     if phases and not datasets:
         raise ValueError(f"{cfg.source}: {cfg.method} trains on auxiliary data; list it under data.train")
+    prepare_run_dir(cfg, run_dir, resume)
     start_phase, start_step, opt_state = 0, 0, None
     state_file = run_dir / STATE_FILE
     if resume and state_file.exists():
@@ -86,8 +109,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         head.load_trainable_state(state["params"])
         start_phase, start_step, opt_state = state["phase"], state["step"], state["optimizer"]
         log.info("resuming at phase %d step %d", start_phase, start_step)
-    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode)
-    log_file = run_dir / "train_log.jsonl"
+    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
+                         cfg.interpolation)
+    log_file = run_dir / LOG_FILE
     for p, phase in enumerate(phases):
         if p < start_phase:
             continue
@@ -127,6 +151,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
                 _save_state(state_file, head, p, done, optimizer)
         _save_state(state_file, head, p + 1, 0, None)
         head.eval()
+        if log_file.exists():
+            plot_loss(run_dir / LOSS_PLOT, log_file, f"{cfg.name}: training loss")
     path = save_checkpoint(run_dir / CHECKPOINT_FILE,
                            Checkpoint(cfg.method, cfg.to_yaml(), head.trainable_state()))
     log.info("wrote %s", path)

@@ -11,7 +11,8 @@ library's version. Conventions follow the field's reference code:
 * AUPRO: per-region overlap (PRO) against the false-positive rate on normal pixels,
   regions are 8-connected components of each ground-truth mask; integrated with the
   trapezoid rule up to FPR 0.3 (the curve is interpolated at 0.3) and divided by 0.3 so
-  a perfect detector scores 1 (MVTec AD's evaluation protocol).
+  a perfect detector scores 1 (MVTec AD's evaluation protocol). :func:`aupro_afclip` is
+  AF-CLIP's official variant (200 thresholds, normalized by the largest FPR kept).
 """
 
 from __future__ import annotations
@@ -147,6 +148,61 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     return float(_trapezoid(y, x) / fpr_limit)
 
 
+AUPRO_PROTOCOLS = ("exact", "afclip")
+
+
+def aupro_afclip(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3,
+                 steps: int = 200) -> float:
+    """AUPRO as AF-CLIP's official ``utils.py`` computes it (to reproduce its numbers).
+
+    ``steps`` thresholds ``arange(min, max, (max - min) / steps)`` over all maps; a pixel
+    is positive when strictly above; PRO is the mean overlap over every 8-connected region
+    of every mask; FPR is over all normal pixels; points with FPR < ``fpr_limit`` are kept,
+    their FPR divided by the largest kept (not by the limit, and with no point interpolated
+    at the limit), and the curve integrated with the trapezoid rule. It differs from the
+    exact :func:`aupro` by the threshold grid and the normalization.
+    """
+    masks = np.asarray(masks)
+    maps = np.asarray(maps, dtype=np.float64)
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
+    binary = _check_binary(masks, "masks").reshape(masks.shape)
+    lo, hi = float(maps.min()), float(maps.max())
+    if not hi > lo:
+        raise ValueError("AUPRO needs maps that are not constant")
+    thresholds = np.arange(lo, hi, (hi - lo) / steps)
+    labelled = np.zeros(maps.shape, dtype=np.int64)
+    n_regions = 0
+    for i in range(len(binary)):
+        lab, n = _label_regions(binary[i])
+        labelled[i] = np.where(lab > 0, lab + n_regions, 0)
+        n_regions += n
+    if n_regions == 0 or binary.all():
+        raise ValueError("AUPRO needs at least one anomalous region and some normal pixels")
+    # How many thresholds each pixel is strictly above: positive at threshold j iff k > j.
+    k = np.searchsorted(thresholds, maps, side="left").ravel()
+    bins = thresholds.size + 1
+
+    def above(counts: np.ndarray) -> np.ndarray:  # (..., bins) -> pixels above threshold j
+        return np.flip(np.cumsum(np.flip(counts, -1), -1), -1)[..., 1:]
+
+    normal = ~binary.ravel()
+    fpr = above(np.bincount(k[normal], minlength=bins).astype(np.float64)) / normal.sum()
+    lab = labelled.ravel()
+    inside = lab > 0
+    per_region = np.bincount((lab[inside] - 1) * bins + k[inside],
+                             minlength=n_regions * bins).reshape(n_regions, bins)
+    areas = np.bincount(lab[inside] - 1, minlength=n_regions).astype(np.float64)
+    pro = (above(per_region.astype(np.float64)) / areas[:, None]).mean(0)
+    keep = fpr < fpr_limit
+    if not keep.any():
+        raise ValueError(f"no threshold keeps the FPR below {fpr_limit}")
+    x, y = fpr[keep], pro[keep]
+    x = x / x.max() if x.max() > 0 else x
+    order = np.argsort(x, kind="mergesort")
+    return float(_trapezoid(y[order], x[order]))
+
+
 @dataclass
 class DetectionMetrics:
     """Every metric of one evaluation; pixel metrics are None without masks."""
@@ -164,13 +220,19 @@ class DetectionMetrics:
 
 
 def evaluate(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray | None = None,
-             maps: np.ndarray | None = None) -> DetectionMetrics:
-    """All metrics for one category. Pixel metrics need masks with some anomalous pixels."""
+             maps: np.ndarray | None = None, aupro_protocol: str = "exact") -> DetectionMetrics:
+    """All metrics for one category. Pixel metrics need masks with some anomalous pixels.
+
+    ``aupro_protocol``: ``exact`` (every threshold, integrated to 0.3 and divided by it) or
+    ``afclip`` (AF-CLIP's official 200-threshold computation, :func:`aupro_afclip`).
+    """
+    if aupro_protocol not in AUPRO_PROTOCOLS:
+        raise ValueError(f"aupro protocol {aupro_protocol!r} unknown; choose one of {AUPRO_PROTOCOLS}")
     f1, threshold = f1_max(labels, image_scores)
     result = DetectionMetrics(auroc(labels, image_scores), average_precision(labels, image_scores),
                               f1, threshold)
     if masks is not None and maps is not None and np.asarray(masks).any():
         result.pixel_auroc = auroc(masks, maps)
         result.pixel_ap = average_precision(masks, maps)
-        result.aupro = aupro(masks, maps)
+        result.aupro = aupro(masks, maps) if aupro_protocol == "exact" else aupro_afclip(masks, maps)
     return result

@@ -91,3 +91,31 @@ def save_sheet(path: Path, tiles: list[np.ndarray]) -> None:
     width = min(t.shape[1] for t in tiles)
     rows = [cv2.resize(t, (width, round(t.shape[0] * width / t.shape[1]))) for t in tiles]
     cv2.imwrite(str(path), np.vstack(rows))
+
+
+def plot_loss(path: Path, log_file: Path, title: str) -> None:
+    """Total loss (and its parts) against the step, one panel per phase, from
+    ``train_log.jsonl``; a line per logged record."""
+    import json
+
+    records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    phases = list(dict.fromkeys(r["phase"] for r in records))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.2), squeeze=False)
+    skip = {"phase", "step", "seconds"}
+    for ax, phase in zip(axes.flat, phases, strict=True):
+        rows = [r for r in records if r["phase"] == phase]
+        steps = [r["step"] for r in rows]
+        for key in [k for k in rows[0] if k not in skip]:
+            ax.plot(steps, [r.get(key) for r in rows], lw=1.6 if key == "loss" else 1.0,
+                    label=key, color="k" if key == "loss" else None)
+        ax.set(xlabel="step", title=phase)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes.flat[0].set_ylabel("loss")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

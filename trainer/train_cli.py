@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_inspect.trainer.evaluate import evaluate_run, summary_table
+    from edge_inspect.trainer.evaluate import eval_dir_for, evaluate_run, summary_table
     from edge_inspect.trainer.fit import train
 
     cfg = RunConfig.from_yaml(args.config, args.overrides)
@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"evaluate with: edge-inspect eval --config {run_dir / 'config.yaml'} "
               f"--checkpoint {checkpoint}")
         return 0
-    report = evaluate_run(cfg, checkpoint, run_dir / "eval")
+    out = eval_dir_for(run_dir, cfg)
+    report = evaluate_run(cfg, checkpoint, out)
     print(summary_table(report))
-    print(f"metrics and pictures: {run_dir / 'eval'}")
+    print(f"metrics and pictures: {out}")
     return 0

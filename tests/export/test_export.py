@@ -29,6 +29,10 @@ def test_bundle_passes_parity_and_serves(bundles, name):
     assert m["schema_version"] == 2 and bundle.schema_read == 2
     (plane,) = m["inputs"]
     assert plane["dtype"] == "uint8" and plane["layout"] == "NHWC" and plane["modality"] == "rgb"
+    # the tiny configs exercise PIL's antialiased bicubic and CMAD's short-side crop
+    want_fit = {"afclip": ("resize", "bicubic_antialias"), "cmad": ("short_side_crop", "bicubic_antialias"),
+                "memory": ("center_crop", "none")}[name.rstrip("+")]
+    assert (plane["fit"], plane["interpolation"]) == want_fit
     assert {o["name"]: o["role"] for o in m["outputs"]}.items() >= {"image_score": "score",
                                                                      "anomaly_map": "map"}.items()
     assert m["state"] == []
@@ -61,10 +65,15 @@ def test_engine_matches_torch_on_new_frames(runs, bundles, name):
     head = load_head(cfg, ckpt)
     ds = (cfg.target_data or cfg.train_data)[0].open()
     size = head.backbone.input_size
-    pictures = [fit_image(ds[i].image, size, cfg.fit_mode) for i in (1, 3, 4)]
+    pictures = [fit_image(ds[i].image, size, cfg.fit_mode, cfg.interpolation) for i in (1, 3, 4)]
     with torch.no_grad():
         want_score, want_map = head(to_batch(pictures, size, head.backbone.normalization, cfg.fit_mode))
-    out = open_engine(load_bundle(bundles[name])).infer({"image": np.stack(pictures)})
+    bundle = load_bundle(bundles[name])
+    plane = bundle.image  # the runtime fits raw frames with the plane's own fit and interpolation
+    served = [fit_image(ds[i].image, (plane.height, plane.width), plane.fit, plane.interpolation)
+              for i in (1, 3, 4)]
+    assert all(np.array_equal(a, b) for a, b in zip(served, pictures, strict=True))
+    out = open_engine(bundle).infer({"image": np.stack(pictures)})
     assert np.abs(out["image_score"] - want_score.numpy()).max() <= 1e-4
     assert np.abs(out["anomaly_map"] - want_map.numpy()).max() <= 1e-3
 

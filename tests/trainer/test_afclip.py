@@ -1,5 +1,6 @@
 """AF-CLIP / AF-CLIP+ pieces against their formulas, and training on planted defects."""
 
+import copy
 import time
 from pathlib import Path
 
@@ -11,7 +12,11 @@ import torch.nn.functional as F
 from edge_inspect.trainer.backbones import BackboneSpec, build_clip
 from edge_inspect.trainer.config import RunConfig
 from edge_inspect.trainer.heads.afclip import AfClipConfig, AfClipHead, AttentionAdapter, GaussianAggregation
-from edge_inspect.trainer.losses import patch_alignment_loss
+from edge_inspect.trainer.losses import (
+    binary_focal_loss,
+    binary_focal_loss_official_gradient,
+    patch_alignment_loss,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,10 +57,41 @@ def test_adapter_size_and_no_residual():
     assert torch.equal(adapter(torch.randn(1, 5, 16)), torch.zeros(1, 5, 16))  # no x + ...
 
 
+def _official_alignment(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The official loss's construction, written out: a per-image b x l x l mask of +1
+    (same label) / -1 (normal-anomalous), means over the masked entries of the batch."""
+    mask = (2 * gt - 1).unsqueeze(2) * (2 * gt - 1).unsqueeze(1)  # (B, N, N)
+    zn = F.normalize(z, dim=-1)
+    sim = zn @ zn.transpose(1, 2)
+    if not (mask == -1).any():
+        return torch.tensor(0.0)
+    return torch.clamp(sim[mask == -1].mean() - sim[mask == 1].mean(), min=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_patch_alignment_pairs_patches_within_each_image(seed):
+    """Eq. 14 / the official per-image mask: no normal-anomalous pair spans two images.
+    The old loss pooled every patch of the batch into one set and differs here."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(3, 40, 64, generator=gen)
+    labels = torch.zeros(3, 40)
+    labels[1:, 30:] = 1  # image 0 all normal; images 1, 2: 30 normal, 10 anomalous patches
+    for i in (1, 2):  # anomalies close to their own image's normals: the hinge is active
+        centre = F.normalize(z[i, :30].sum(0), dim=0)
+        z[i, 30:] = centre + 0.1 * torch.randn(10, 64, generator=gen)
+    want = _official_alignment(z, labels)
+    assert want > 0
+    assert torch.allclose(patch_alignment_loss(z, labels), want, atol=1e-6)
+    # Anomalies only in an image without normals: no within-image pair -> 0.
+    only = torch.zeros(2, 40)
+    only[1] = 1
+    assert patch_alignment_loss(z[:2], only) == 0 == _official_alignment(z[:2], only)
+
+
 def test_patch_alignment_equals_pairwise_eq14():
     torch.manual_seed(0)
-    z = torch.randn(2, 30, 8)
-    labels = (torch.rand(2, 30) < 0.3).float()
+    z = torch.randn(1, 30, 8)
+    labels = (torch.rand(1, 30) < 0.3).float()
     zn = F.normalize(z.reshape(-1, 8), dim=-1)
     a = labels.reshape(-1).bool()
     sim = zn @ zn.T
@@ -74,7 +110,52 @@ def test_patch_alignment_equals_pairwise_eq14():
     z2 = torch.stack([e1] * 11 + [-e1] * 9 + [e1] * 2).unsqueeze(0)
     y2 = torch.tensor([0.0] * 20 + [1.0] * 2).unsqueeze(0)
     assert torch.isclose(patch_alignment_loss(z2, y2), torch.tensor(0.1 - 8 / 404), atol=1e-6)
-    assert patch_alignment_loss(z, torch.zeros(2, 30)) == 0  # no anomalous patch
+    assert patch_alignment_loss(z, torch.zeros(1, 30)) == 0  # no anomalous patch
+
+
+@pytest.mark.parametrize("p_value,ratio", [(0.9, 2.055), (0.5, 2.265), (0.1, 3.878), (0.01, 21.88)])
+def test_official_segmentation_gradient(p_value, ratio):
+    """Same loss value; on normal pixels the gradient the official code's in-place edit
+    gives (2.1x .. 22x the paper's, research/official_code.md 1e); anomalous unchanged."""
+    p = torch.tensor([p_value, p_value], requires_grad=True)
+    y = torch.tensor([0.0, 1.0])
+    paper = binary_focal_loss(p, y, 4.0)
+    (g_paper,) = torch.autograd.grad(paper, p)
+    official = binary_focal_loss_official_gradient(p, y, 4.0)
+    (g_official,) = torch.autograd.grad(official, p)
+    assert torch.isclose(paper, official)
+    assert g_official[0] / g_paper[0] == pytest.approx(ratio, rel=0.01)
+    assert torch.isclose(g_official[1], g_paper[1])
+    # The closed form of the quirk on a normal pixel, and autograd of the literal edit.
+    q = torch.tensor(p_value)
+    closed = ((1 + q) * q**3 / (1 - q) + 8 * q**3 * -torch.log(1 - q)) / 2
+    assert torch.isclose(g_official[0], closed, rtol=1e-4)
+
+
+def test_official_gradient_equals_the_in_place_edit():
+    """Reproduce the official code's mechanism itself (target edited after forward) and
+    compare gradients element by element."""
+    gen = torch.Generator().manual_seed(1)
+    p = torch.rand(2, 50, generator=gen).clamp(0.02, 0.98).requires_grad_(True)
+    y = (torch.rand(2, 50, generator=gen) < 0.3).float()
+    target = y.clone()
+    pt = p * target + (1 - p) * (1 - target)
+    literal = (F.binary_cross_entropy(p, target, reduction="none") * (1 - pt) ** 4).mean()
+    shared = copy.copy(target)  # the official alignment loss's "copy": same storage
+    shared[shared == 0] = -1
+    (g_literal,) = torch.autograd.grad(literal, p)
+    ours = binary_focal_loss_official_gradient(p, y, 4.0)
+    (g_ours,) = torch.autograd.grad(ours, p)
+    assert torch.isclose(ours, literal.detach())
+    assert torch.allclose(g_ours, g_literal, rtol=1e-4, atol=1e-7)
+
+
+def test_focal_loss_keeps_the_gradient_of_a_saturated_wrong_probability():
+    """Clamping p to [eps, 1 - eps] zeroed the gradient exactly where the model is most
+    wrong; the official BCE form keeps it."""
+    p = torch.tensor([1.0 - 1e-8, 1e-8], requires_grad=True)
+    (grad,) = torch.autograd.grad(binary_focal_loss(p, torch.tensor([0.0, 1.0])), p)
+    assert grad[0] > 1e3 and grad[1] < -1e3
 
 
 def test_shapes_dtypes_and_trainable_parameters():

@@ -2,9 +2,9 @@
 layout detection, and errors that name what is wrong."""
 
 import copy
-from dataclasses import replace
 import pickle
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch

@@ -73,3 +73,45 @@ def test_errors_are_clear():
         auroc(np.array([0, 1]), np.array([0.0, np.nan]))
     with pytest.raises(ValueError, match="at least one anomalous region"):
         aupro(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)))
+
+
+def _afclip_pro_loop(masks: np.ndarray, maps: np.ndarray) -> float:
+    """AF-CLIP's utils.py PRO written as its loop: 200 thresholds, regions per image."""
+    from scipy import ndimage
+
+    lo, hi = maps.min(), maps.max()
+    pros, fprs = [], []
+    region_masks = []
+    for i, mask in enumerate(masks):
+        lab, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        region_masks += [(i, lab == r) for r in range(1, n + 1)]
+    normal = masks == 0
+    for th in np.arange(lo, hi, (hi - lo) / 200):
+        binary = maps > th
+        pros.append(np.mean([binary[i][r].sum() / r.sum() for i, r in region_masks]))
+        fprs.append((binary & normal).sum() / normal.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < 0.3
+    x, y = fprs[keep] / fprs[keep].max(), pros[keep]
+    order = np.argsort(x)
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(y[order], x[order]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_aupro_afclip_matches_the_official_loop(seed):
+    from edge_inspect.trainer.metrics import aupro_afclip, evaluate
+
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((4, 40, 40), np.uint8)
+    masks[0, 5:12, 5:15] = 1
+    masks[0, 25:30, 20:38] = 1  # two regions in one image
+    masks[2, 10:30, 10:14] = 1
+    maps = rng.random(masks.shape) + 0.8 * masks * rng.random(masks.shape)
+    want = _afclip_pro_loop(masks, maps)
+    got = aupro_afclip(masks, maps)
+    assert got == pytest.approx(want, abs=1e-12)
+    exact = evaluate(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]), masks, maps).aupro
+    official = evaluate(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]), masks, maps,
+                        "afclip").aupro
+    assert official == got and abs(official - exact) > 1e-3  # a different protocol, not a copy

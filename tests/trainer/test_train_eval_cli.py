@@ -27,15 +27,16 @@ def test_train_then_eval_writes_the_run_folder(tmp_path, capsys):
     with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["params/global_prototypes", "params/local_prototypes"]
         assert f.metadata()["method"] == "cmad"
-    report = json.loads((run / "eval" / "metrics.json").read_text())
+    assert (run / "loss.png").stat().st_size > 5000  # the loss curve, per phase
+    report = json.loads((run / "eval-2shot" / "metrics.json").read_text())
     row = report["datasets"]["weave"]["classes"]["weave"]
     for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro"):
         assert 0.0 <= row[key] <= 1.0
     assert report["datasets"]["weave"]["mean"]["image_auroc"] == row["image_auroc"]
     assert row["calibration"]["chosen"] == "false_alarm" and len(row["shots"]) == 2
     for name in ("roc-weave.png", "histograms-weave.png", "overlays/weave-weave.png"):
-        assert (run / "eval" / name).stat().st_size > 1000
-    enrolled = load_checkpoint(run / "eval" / "enrolled" / "weave-weave.safetensors")
+        assert (run / "eval-2shot" / name).stat().st_size > 1000
+    enrolled = load_checkpoint(run / "eval-2shot" / "enrolled" / "weave-weave.safetensors")
     assert list(enrolled.memory) == ["bank"] and enrolled.memory["bank"].shape[0] == 3  # 3 taps
     assert enrolled.calibration["method"] == "normal_false_alarm_rate"
     # the same run folder is never overwritten
@@ -99,3 +100,100 @@ def test_checkpoint_errors(tmp_path, capsys):
         load_checkpoint(tmp_path / "missing.safetensors")
     assert main(["eval", "--config", str(CMAD), "--out", str(tmp_path / "e")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_eval_never_overwrites_and_marks_incomplete_output(tmp_path, capsys, monkeypatch):
+    """eval used to rewrite <run>/eval (the enrolled checkpoint README exports included),
+    and an interrupted eval left a folder that looked complete."""
+    run = tmp_path / "run"
+    cfg = RunConfig.from_yaml(CMAD, ["train.steps=2", "eval.overlays=0"])
+    ckpt = train(cfg, run)
+    config = str(run / "config.yaml")
+    assert main(["eval", "--config", config, "--checkpoint", str(ckpt)]) == 0
+    first = _tree(run / "eval-2shot")
+    assert "enrolled/weave-weave.safetensors" in first
+    # same command again: a new folder, the first one byte for byte as it was
+    assert main(["eval", "--config", config, "--checkpoint", str(ckpt), "--set", "seed=5"]) == 0
+    assert "eval-2shot-2" in capsys.readouterr().out
+    assert _tree(run / "eval-2shot") == first
+    # zero-shot names its folder the same way
+    assert main(["eval", "--config", config, "--checkpoint", str(ckpt), "--set", "shots=0"]) == 0
+    assert (run / "eval-0shot" / "metrics.json").exists()
+    # an explicit --out that exists is refused, nothing changed
+    assert main(["eval", "--config", config, "--checkpoint", str(ckpt),
+                 "--out", str(run / "eval-2shot")]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert _tree(run / "eval-2shot") == first
+    # interrupted half-way: only <out>.partial exists; the retry replaces it and completes
+    from edge_inspect.trainer import evaluate as ev
+
+    original = ev.evaluate_dataset
+
+    def interrupted(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate_dataset", interrupted)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate_run(cfg, ckpt, out)
+    assert not out.exists() and (tmp_path / "cut.partial" / "enrolled").is_dir()
+    monkeypatch.setattr(ev, "evaluate_dataset", original)
+    ev.evaluate_run(cfg, ckpt, out)
+    assert (out / "metrics.json").exists() and not (tmp_path / "cut.partial").exists()
+
+
+def test_a_failed_start_does_not_block_the_retry(tmp_path, monkeypatch, capsys):
+    """A start that failed before its first saved step used to leave config.yaml behind:
+    the retry was refused (already holds a run) and --resume refused too (config differs)."""
+    run = tmp_path / "run"
+    # a config mistake found while building: nothing is written at all
+    missing = ["data.train=[{name: a, kind: mvtec, root: " + str(tmp_path / "nowhere") + "}]"]
+    assert main(["train", "--config", str(CMAD), "--run-dir", str(run), "--no-eval",
+                 *sum((["--set", m] for m in missing), [])]) == 2
+    assert not run.exists()
+    # interrupted at the first step, before anything was saved
+    from edge_inspect.trainer.heads.cmad.train import CmadTraining
+
+    def broken(self, *args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(CmadTraining, "loss", broken)
+    with pytest.raises(RuntimeError):
+        train(RunConfig.from_yaml(CMAD, ["train.steps=3"]), run)
+    assert (run / "config.yaml").exists() and not (run / "train_state.pt").exists()
+    monkeypatch.undo()
+    # the retry, with a corrected config and without --resume, just works
+    ckpt = train(RunConfig.from_yaml(CMAD, ["train.steps=2"]), run)
+    assert ckpt.exists() and "steps: 2" in (run / "config.yaml").read_text()
+    # a run that did save is still protected
+    with pytest.raises(RunDirError, match="--resume"):
+        train(RunConfig.from_yaml(CMAD, ["train.steps=2"]), run)
+
+
+def test_few_shot_protocol_over_shot_seeds(tmp_path):
+    """eval.shot_seeds: the K shots are drawn once per seed; metrics.json reports the mean
+    and spread over the draws, each draw keeps its own folder."""
+    import numpy as np
+
+    from edge_inspect.trainer.evaluate import evaluate_run
+
+    cfg = RunConfig.from_yaml(CMAD, ["train.steps=2", "eval.overlays=0", "eval.shot_seeds=[1, 2, 3]"])
+    ckpt = train(cfg, tmp_path / "run")
+    report = evaluate_run(cfg, ckpt, tmp_path / "run" / "eval-2shot")
+    assert report["shot_seeds"] == [1, 2, 3]
+    per_seed = report["datasets"]["weave"]["per_seed"]
+    assert sorted(per_seed) == ["1", "2", "3"]
+    aurocs = [per_seed[s]["image_auroc"] for s in ("1", "2", "3")]
+    assert report["datasets"]["weave"]["mean"]["image_auroc"] == pytest.approx(np.mean(aurocs))
+    assert report["datasets"]["weave"]["std"]["image_auroc"] == pytest.approx(np.std(aurocs))
+    shots = [tuple(report["seeds"][s]["weave"]["classes"]["weave"]["shots"]) for s in ("1", "2", "3")]
+    assert len(set(shots)) == 3  # three different draws
+    for s in (1, 2, 3):
+        assert (tmp_path / "run" / "eval-2shot" / f"seed-{s}" / "enrolled" / "weave-weave.safetensors").exists()
+    with pytest.raises(ConfigError, match="shot_seeds must be a list of integers"):
+        RunConfig.from_yaml(CMAD, ["eval.shot_seeds=5"])

@@ -26,13 +26,15 @@ class Batch:
 class BatchLoader:
     """Reads samples and fits them to the backbone's input (one place for both loops)."""
 
-    def __init__(self, size: tuple[int, int], normalization: Normalization, fit_mode: str) -> None:
+    def __init__(self, size: tuple[int, int], normalization: Normalization, fit_mode: str,
+                 interpolation: str = "bicubic") -> None:
         self.size, self.normalization, self.fit_mode = size, normalization, fit_mode
+        self.interpolation = interpolation
 
     def __call__(self, items: list[tuple[RecordDataset, int]]) -> Batch:
         samples = [ds[i] for ds, i in items]
-        pictures = [fit_image(s.image, self.size, self.fit_mode) for s in samples]
-        images = to_batch(pictures, self.size, self.normalization, self.fit_mode)
+        pictures = [fit_image(s.image, self.size, self.fit_mode, self.interpolation) for s in samples]
+        images = to_batch(pictures, self.size, self.normalization, self.fit_mode, self.interpolation)
         masks = np.stack([fit_mask(s.mask, self.size, self.fit_mode) for s in samples])
         labels = torch.tensor([s.label for s in samples])
         return Batch(images, labels, torch.from_numpy(masks), pictures, samples)

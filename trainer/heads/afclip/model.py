@@ -23,15 +23,22 @@ Zero-shot path, per the paper (section numbers of seeds/AF-CLIP.txt):
 
 Training (Eq. 11-15): focal (gamma 4, no alpha) on p_CLS + lambda1 * (focal + L1) on the
 patch map against the mask downsampled to the grid (bilinear, > 0.5) + lambda2 * patch
-alignment (Eq. 14) on the projected features of each set, pooled over the batch, averaged
-over sets; lambda1 = lambda2 = 1; Adam lr 1e-4, betas (0.5, 0.999), batch 8, 2 epochs.
+alignment (Eq. 14) on the projected features of each set, normal and anomalous patches
+paired within each image only (Eq. 14 and the official per-image mask), pair sums pooled
+over the batch, averaged over sets; lambda1 = lambda2 = 1; Adam lr 1e-4, betas (0.5,
+0.999), batch 8, 2 epochs.
 
 Where the official code differs and what we do:
-* patch-alignment target: the code's loss writes -1 into normal pixels of a tensor that
-  shares storage with the segmentation target, so its segmentation focal term probably
-  sees target -1 on normal pixels (research/official_code.md 1e). We follow the paper
-  (targets in {0, 1}); there is no switch because the code's behaviour is a side effect,
-  not a design.
+* segmentation-loss gradient: the code's alignment loss writes -1 into normal pixels of a
+  tensor that shares storage with the segmentation target after the focal term saved it,
+  so backward sees target -1 on normal pixels (2.1x-22x the paper's gradient there;
+  confirmed by running it, research/official_code.md 1e). Default: the paper's formula.
+  ``seg_gradient: official`` reproduces the code's gradient with the same loss value
+  (``losses.binary_focal_loss_official_gradient``); the paper configs use it, since the
+  published numbers come from that code.
+* resize: the code resizes with PIL bicubic, which antialiases when downscaling; the
+  paper configs set ``interpolation: bicubic_antialias`` (runtime.preprocess), which
+  training, export and the runtime share.
 * the residual: none in both, so nothing to choose.
 
 AF-CLIP+ (Eq. 16-18): memory banks of the frozen aggregated features (no adapter, no
@@ -54,6 +61,8 @@ from edge_inspect.trainer.heads.base import AnomalyHead, BankMemory
 from edge_inspect.trainer.memory import nearest_cosine_distance
 from edge_inspect.trainer.smoothing import GaussianSmoothing
 
+SEG_GRADIENTS = ("paper", "official")
+
 
 @dataclass
 class AfClipConfig:
@@ -73,6 +82,12 @@ class AfClipConfig:
     map_sigma: float = 4.0
     alpha: float = 0.1
     beta: float = 0.1
+    seg_gradient: str = "paper"  # "official": the official code's segmentation-loss gradient
+
+    def __post_init__(self) -> None:
+        if self.seg_gradient not in SEG_GRADIENTS:
+            raise ValueError(f"seg_gradient {self.seg_gradient!r} unknown; choose one of "
+                             f"{SEG_GRADIENTS}")
 
 
 class GaussianAggregation(nn.Module):

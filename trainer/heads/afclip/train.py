@@ -2,7 +2,9 @@
 
 Loss: focal (gamma 4, no alpha) on p_CLS + lambda1 * (focal + L1) on the patch map against
 the mask downsampled to the grid (bilinear, > 0.5) + lambda2 * patch alignment (Eq. 14) on
-the projected features of each set, averaged over sets. The backbone taps are computed
+the projected features of each set (pairs within each image), averaged over sets. With
+``head.seg_gradient: official`` the segmentation focal term keeps its value but takes the
+gradient the official code's in-place target edit gives it. The backbone taps are computed
 without gradients (the backbone is frozen). Defaults: Adam lr 1e-4, betas (0.5, 0.999),
 batch 8, 2 epochs (the paper's).
 """
@@ -14,7 +16,11 @@ import torch.nn.functional as F
 
 from edge_inspect.trainer.heads.afclip.model import AfClipHead
 from edge_inspect.trainer.heads.base import MethodTraining, TrainPhase
-from edge_inspect.trainer.losses import binary_focal_loss, patch_alignment_loss
+from edge_inspect.trainer.losses import (
+    binary_focal_loss,
+    binary_focal_loss_official_gradient,
+    patch_alignment_loss,
+)
 
 AFCLIP_TRAINING = {"epochs": 2, "batch_size": 8, "lr": 1e-4, "betas": (0.5, 0.999)}
 
@@ -38,7 +44,9 @@ class AfClipTraining(MethodTraining):
                            align_corners=False).flatten(1) > 0.5
         gt = gt.float()
         cls = binary_focal_loss(p[:, 0], labels.float(), cfg.focal_gamma)
-        seg = binary_focal_loss(p[:, 1:], gt, cfg.focal_gamma) + (p[:, 1:] - gt).abs().mean()
+        seg_focal = (binary_focal_loss_official_gradient if cfg.seg_gradient == "official"
+                     else binary_focal_loss)
+        seg = seg_focal(p[:, 1:], gt, cfg.focal_gamma) + (p[:, 1:] - gt).abs().mean()
         align = torch.stack([patch_alignment_loss(zs[:, 1:], gt) for zs in z]).mean()
         total = cls + cfg.lambda_seg * seg + cfg.lambda_align * align
         return total, {"cls": cls.item(), "seg": seg.item(), "align": align.item()}
