@@ -35,11 +35,18 @@ import yaml
 from edge_inspect.runtime.preprocess import FIT_MODES, RESAMPLERS
 from edge_inspect.trainer.backbones import BackboneSpec
 from edge_inspect.trainer.data.registry import DatasetSpec
+from edge_inspect.trainer.device import AMP_MODES
+from edge_inspect.trainer.feature_cache import CACHE_DTYPES
 from edge_inspect.trainer.heads.registry import get_method
 from edge_inspect.trainer.metrics import AUPRO_PROTOCOLS
 
 TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "betas", "checkpoint_every", "workers",
-              "log_every")
+              "log_every", "device", "amp", "cache_features", "cache_gb", "cache_dtype")
+# device: auto | cpu | cuda[:N] (also used by eval); amp: off | bf16 | fp16; the frozen
+# backbone's features are cached in host memory up to cache_gb, stored as cache_dtype.
+TRAIN_RUNTIME_DEFAULTS = {"checkpoint_every": 100, "workers": 0, "log_every": 10, "device": "auto",
+                          "amp": "off", "cache_features": True, "cache_gb": 8.0,
+                          "cache_dtype": "float32"}
 CALIBRATION_DEFAULTS = {"false_alarm_rate": 0.01, "normals": 20}
 EVAL_DEFAULTS = {"batch_size": 8, "overlays": 6, "save_enrolled": True, "limit": None,
                  "aupro": "exact", "shot_seeds": None}
@@ -104,15 +111,24 @@ class RunConfig:
         head = asdict(head_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in head.items()}))
         train = raw.get("train") or {}
         _check_keys(train, TRAIN_KEYS, f"{source}: train")
-        train = {"checkpoint_every": 100, "workers": 0, "log_every": 10, **train_defaults, **train}
+        train = {**TRAIN_RUNTIME_DEFAULTS, **train_defaults, **train}
         given = raw.get("train") or {}
         if "steps" in given:  # steps win over epochs (also over a method's default epochs)
             train.pop("epochs", None)
         elif "epochs" in given:
             train.pop("steps", None)
         train = _coerce(train, {"epochs": int, "steps": int, "batch_size": int, "lr": float,
-                                "checkpoint_every": int, "workers": int, "log_every": int},
+                                "checkpoint_every": int, "workers": int, "log_every": int,
+                                "cache_gb": float, "device": str},
                         f"{source}: train")
+        if train["amp"] not in AMP_MODES:
+            raise ConfigError(f"{source}: train.amp {train['amp']!r} unknown; choose one of "
+                              f"{list(AMP_MODES)}")
+        if train["cache_dtype"] not in CACHE_DTYPES:
+            raise ConfigError(f"{source}: train.cache_dtype {train['cache_dtype']!r} unknown; "
+                              f"choose one of {list(CACHE_DTYPES)}")
+        if not isinstance(train["cache_features"], bool):
+            raise ConfigError(f"{source}: train.cache_features must be true or false")
         train["betas"] = [float(b) for b in train.get("betas", (0.9, 0.999))]
         calibration = {**CALIBRATION_DEFAULTS, **(raw.get("calibration") or {})}
         _check_keys(calibration, tuple(CALIBRATION_DEFAULTS), f"{source}: calibration")

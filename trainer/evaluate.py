@@ -22,6 +22,7 @@ overwritten. With ``eval.shot_seeds`` the whole evaluation runs once per shot se
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from edge_inspect.trainer.config import RunConfig, build_head
 from edge_inspect.trainer.data.batches import BatchLoader
 from edge_inspect.trainer.data.registry import DatasetSpec
 from edge_inspect.trainer.data.sample import RecordDataset
+from edge_inspect.trainer.device import resolve_device
 from edge_inspect.trainer.heads.base import AnomalyHead
 from edge_inspect.trainer.metrics import evaluate
 from edge_inspect.trainer.plots import overlay, plot_histograms, plot_roc, save_sheet
@@ -47,8 +49,9 @@ log = logging.getLogger(__name__)
 Item = tuple[RecordDataset, int]
 
 
-def load_head(cfg: RunConfig, checkpoint: Path | None) -> AnomalyHead:
-    """Build the head and load trained parameters (and a stored memory, if any)."""
+def load_head(cfg: RunConfig, checkpoint: Path | None, device: str | None = None) -> AnomalyHead:
+    """Build the head and load trained parameters (and a stored memory, if any), on
+    ``device`` (default: the config's ``train.device``)."""
     torch.manual_seed(cfg.seed)
     head = build_head(cfg)
     if checkpoint is not None:
@@ -61,7 +64,12 @@ def load_head(cfg: RunConfig, checkpoint: Path | None) -> AnomalyHead:
     elif head.trainable_state():
         raise ValueError(f"{cfg.method} has trained parameters: pass --checkpoint "
                          "<run dir>/checkpoint.safetensors (from `edge-inspect train`)")
-    return head.eval()
+    return head.to(resolve_device(device or cfg.train["device"])).eval()
+
+
+def _device(head: AnomalyHead) -> torch.device:
+    tensor = next(itertools.chain(head.parameters(), head.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _class_seed(seed: int, name: str) -> list[int]:
@@ -105,9 +113,9 @@ def score_items(head: AnomalyHead, loader: BatchLoader, items: list[Item], batch
     scores, maps, labels, masks = [], [], [], []
     for s in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
         b = loader(items[s:s + batch_size])
-        score, amap = head(b.images)
-        scores.append(score.float().numpy())
-        maps.append(amap.float().numpy())
+        score, amap = head(b.images.to(_device(head)))
+        scores.append(score.float().cpu().numpy())
+        maps.append(amap.float().cpu().numpy())
         labels.append(b.labels.numpy())
         masks.append(b.masks.numpy())
     if not scores:
@@ -155,7 +163,8 @@ def _sheet(head: AnomalyHead, loader: BatchLoader, items: list[Item], scores: np
         return
     b = loader([items[i] for i in picks])
     with torch.no_grad():
-        s, maps = head(b.images)
+        s, maps = head(b.images.to(_device(head)))
+    s, maps = s.float().cpu(), maps.float().cpu()
     vmax = float(maps.max())
     tiles = []
     for pic, amap, mask, sample, sc in zip(b.pictures, maps.numpy(), b.masks.numpy(), b.samples,
@@ -184,7 +193,7 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
     for cls in test.class_names:
         shots, calib, test_idx = split_normals(cfg, spec, test, train, cls, seed)
         if shots:
-            head.enroll(loader(shots).images)
+            head.enroll(loader(shots).images.to(_device(head)))
         else:
             head.clear_memory()
         items = [(test, i) for i in test_idx]

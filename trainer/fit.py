@@ -21,6 +21,8 @@ from tqdm import tqdm
 from edge_inspect.trainer.checkpoint import Checkpoint, atomic_write, save_checkpoint
 from edge_inspect.trainer.config import RunConfig, build_head
 from edge_inspect.trainer.data.batches import BatchLoader, StepBatches
+from edge_inspect.trainer.device import autocast, grad_scaler, resolve_device
+from edge_inspect.trainer.feature_cache import FeatureCache
 from edge_inspect.trainer.heads.base import AnomalyHead, TrainPhase
 from edge_inspect.trainer.heads.registry import get_method
 from edge_inspect.trainer.plots import plot_loss
@@ -82,7 +84,7 @@ def _save_state(path: Path, head: AnomalyHead, phase: int, step: int,
     """Training state; at a phase boundary the next phase starts a fresh optimizer."""
     state = {"phase": phase, "step": step,
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
-             "params": {k: v.detach().clone() for k, v in head.trainable_state().items()}}
+             "params": {k: v.detach().cpu().clone() for k, v in head.trainable_state().items()}}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -93,7 +95,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     config mistake leaves nothing behind.
     """
     torch.manual_seed(cfg.seed)
-    head = build_head(cfg)
+    device = resolve_device(cfg.train["device"])
+    amp = cfg.train["amp"]
+    autocast(device, amp)  # refuses fp16 on the CPU before anything is written
+    head = build_head(cfg).to(device)
     training = get_method(cfg.method).training
     datasets = {d.name: d.open() for d in cfg.train_data}
     for d in cfg.train_data:
@@ -102,16 +107,18 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     if phases and not datasets:
         raise ValueError(f"{cfg.source}: {cfg.method} trains on auxiliary data; list it under data.train")
     prepare_run_dir(cfg, run_dir, resume)
+    log.info("training on %s (amp %s)", device, amp)
     start_phase, start_step, opt_state = 0, 0, None
     state_file = run_dir / STATE_FILE
     if resume and state_file.exists():
-        state = torch.load(state_file, weights_only=True)
+        state = torch.load(state_file, weights_only=True, map_location=device)
         head.load_trainable_state(state["params"])
         start_phase, start_step, opt_state = state["phase"], state["step"], state["optimizer"]
         log.info("resuming at phase %d step %d", start_phase, start_step)
     loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
                          cfg.interpolation)
     log_file = run_dir / LOG_FILE
+    on_gpu = device.type == "cuda"
     for p, phase in enumerate(phases):
         if p < start_phase:
             continue
@@ -120,35 +127,57 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         total = _phase_steps(phase, source.steps_per_epoch)
         optimizer = torch.optim.Adam(phase.parameters, lr=cfg.train["lr"],
                                      betas=tuple(cfg.train["betas"]))
+        scaler = grad_scaler(device, amp)
         first = start_step if p == start_phase else 0
         if p == start_phase and opt_state is not None:
             optimizer.load_state_dict(opt_state)
         if first >= total:
             continue
         if first == 0:
-            training.begin_phase(head, phase, [source[s] for s in range(min(INIT_BATCHES, total))])
+            init = [tuple(t.to(device) for t in source[s][:3]) for s in range(min(INIT_BATCHES, total))]
+            with autocast(device, amp):
+                training.begin_phase(head, phase, init)
+        cache = (FeatureCache(int(cfg.train["cache_gb"] * 1e9), cfg.train["cache_dtype"], pin=on_gpu)
+                 if cfg.train["cache_features"] and training.caches_features else None)
         batches = torch.utils.data.DataLoader(source, batch_size=None, sampler=range(first, total),
-                                              num_workers=cfg.train["workers"])
+                                              num_workers=cfg.train["workers"], pin_memory=on_gpu)
         head.train()
         bar = tqdm(batches, total=total, initial=first, desc=f"train {phase.name}", unit="step")
         t0 = time.perf_counter()
-        for step, (images, labels, masks) in enumerate(bar, start=first):
-            loss, parts = training.loss(head, images, labels, masks, phase)
+        for step, (images, labels, masks, keys) in enumerate(bar, start=first):
+            images = images.to(device, non_blocking=True)
+            labels, masks = labels.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            with autocast(device, amp):
+                if cache is not None:
+                    inputs = cache.features(keys.tolist(), images,
+                                            lambda x: training.frozen_features(head, x))
+                else:
+                    with torch.no_grad():
+                        inputs = training.frozen_features(head, images)
+                loss, parts = training.loss(head, inputs, labels, masks, phase)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at phase {phase.name} step "
                                          f"{step}; lower train.lr (state kept at the last save)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
             if done % cfg.train["log_every"] == 0 or done == total:
                 record = {"phase": phase.name, "step": done, "loss": loss.item(), **parts,
-                          "seconds": round(time.perf_counter() - t0, 2)}
+                          "seconds": round(time.perf_counter() - t0, 3)}
                 with log_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             if done % cfg.train["checkpoint_every"] == 0 and done < total:
                 _save_state(state_file, head, p, done, optimizer)
+        if cache is not None:
+            log.info("feature cache: %d images, %.2f GB, %d hits / %d computed", len(cache),
+                     cache.bytes / 1e9, cache.hits, cache.misses)
         _save_state(state_file, head, p + 1, 0, None)
         head.eval()
         if log_file.exists():

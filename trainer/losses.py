@@ -56,13 +56,13 @@ def softmax_focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float =
 
     ``target`` holds class indices ``(B, H, W)``; the loss is ``-(1 - p_t)^g log p_t``.
     """
-    pt = probs.gather(1, target.long().unsqueeze(1)).squeeze(1).clamp(eps, 1.0)
+    pt = probs.float().gather(1, target.long().unsqueeze(1)).squeeze(1).clamp(eps, 1.0)
     return (-(1 - pt) ** gamma * torch.log(pt)).mean()
 
 
 def dice_loss(p: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """``1 - (2 |P.G| + s) / (|P| + |G| + s)`` per image, averaged (soft Dice, s = 1)."""
-    p = p.flatten(1)
+    p = p.float().flatten(1)
     g = target.to(p.dtype).flatten(1)
     dice = (2 * (p * g).sum(1) + smooth) / (p.sum(1) + g.sum(1) + smooth)
     return (1 - dice).mean()

@@ -56,7 +56,7 @@ class PatchMemory(nn.Module):
         if metric == "standardized":
             mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
         else:
-            mean, std = torch.zeros(flat.shape[1]), torch.ones(flat.shape[1])
+            mean, std = flat.new_zeros(flat.shape[1]), flat.new_ones(flat.shape[1])
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.register_buffer("bank", self.embed(flat))
@@ -110,12 +110,12 @@ class PatchMemory(nn.Module):
         those maxima: a scale for the memory's scores that needs no extra normal images.
         """
         bank = self.bank.reshape(self.shots, self.per_shot, -1)
-        rows = torch.arange(self.per_shot) // grid[1]
+        rows = torch.arange(self.per_shot, device=bank.device) // grid[1]
         top = rows < grid[0] // 2
         maxima = []
         for k in range(self.shots):
             for half in (top, ~top):
-                keep = torch.ones(self.shots, self.per_shot, dtype=torch.bool)
+                keep = torch.ones(self.shots, self.per_shot, dtype=torch.bool, device=bank.device)
                 keep[k, half] = False
                 d = self._nearest(bank[k, half], bank[keep], self.metric, self.chunk)
                 maxima.append(d.max())
@@ -159,7 +159,7 @@ class WindowGaussian(nn.Module):
             raise ValueError(f"{w.shape[0]} windows cannot estimate a {w.shape[1]}-d covariance; "
                              "use more shots, a smaller window or stride")
         cov = torch.cov(w.T)
-        cov = cov + self.ridge * cov.diagonal().mean() * torch.eye(cov.shape[0])
+        cov = cov + self.ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], device=cov.device)
         return w.mean(0), torch.linalg.inv(cov)
 
     def window_means(self, grids: torch.Tensor) -> torch.Tensor:

@@ -194,6 +194,7 @@ def test_few_shot_protocol_over_shot_seeds(tmp_path):
     shots = [tuple(report["seeds"][s]["weave"]["classes"]["weave"]["shots"]) for s in ("1", "2", "3")]
     assert len(set(shots)) == 3  # three different draws
     for s in (1, 2, 3):
-        assert (tmp_path / "run" / "eval-2shot" / f"seed-{s}" / "enrolled" / "weave-weave.safetensors").exists()
+        folder = tmp_path / "run" / "eval-2shot" / f"seed-{s}"
+        assert (folder / "enrolled" / "weave-weave.safetensors").exists()
     with pytest.raises(ConfigError, match="shot_seeds must be a list of integers"):
         RunConfig.from_yaml(CMAD, ["eval.shot_seeds=5"])

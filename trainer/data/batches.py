@@ -61,6 +61,8 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 1 << 30  # indexed by step; the sampler bounds it
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = self.loader([self.items[i] for i in self.indices(step)])
-        return b.images, b.labels, b.masks
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, labels, masks and the samples' ids (keys of the feature cache)."""
+        idx = self.indices(step)
+        b = self.loader([self.items[i] for i in idx])
+        return b.images, b.labels, b.masks, torch.tensor(idx)

@@ -37,6 +37,9 @@ class MethodTraining:
     """
 
     defaults: dict = {}  # the paper's epochs / steps, batch size, lr, betas
+    # True when frozen_features returns per-sample tensors that do not change during
+    # training (frozen backbone, no augmentation): the fit loop may cache them.
+    caches_features: bool = False
 
     def phases(self, head: AnomalyHead, datasets: list[str], settings: dict) -> list[TrainPhase]:
         """The phases that train ``head`` on the named auxiliary datasets (none: no training)."""
@@ -46,8 +49,14 @@ class MethodTraining:
                     batches: list[tuple[torch.Tensor, ...]]) -> None:
         """Called once before a phase's first step with its first batches (data-driven init)."""
 
-    def loss(self, head: AnomalyHead, images: torch.Tensor, labels: torch.Tensor,
+    def frozen_features(self, head: AnomalyHead, images: torch.Tensor):
+        """What :meth:`loss` needs from the frozen backbone, computed without gradients:
+        ``{name: (B, ...)}`` when ``caches_features``; by default the images themselves."""
+        return images
+
+    def loss(self, head: AnomalyHead, inputs, labels: torch.Tensor,
              masks: torch.Tensor, phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch; ``inputs`` is what :meth:`frozen_features` returned."""
         raise NotImplementedError(f"{head.method} has nothing to train")
 
 

@@ -27,17 +27,22 @@ AFCLIP_TRAINING = {"epochs": 2, "batch_size": 8, "lr": 1e-4, "betas": (0.5, 0.99
 
 class AfClipTraining(MethodTraining):
     defaults = AFCLIP_TRAINING
+    caches_features = True  # frozen taps, no augmentation
+
+    def frozen_features(self, head: AfClipHead, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        taps = head.backbone.forward_taps(images, tuple(head.cfg.taps))
+        return {f"tap{k}": taps[k] for k in head.cfg.taps}
 
     def phases(self, head: AfClipHead, datasets: list[str], settings: dict) -> list[TrainPhase]:
         params = [head.prompt_context, *head.adapter.parameters()]
         return [TrainPhase("adapter+prompt", list(datasets), params,
                            epochs=settings.get("epochs"), steps=settings.get("steps"))]
 
-    def loss(self, head: AfClipHead, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-             phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, head: AfClipHead, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+             masks: torch.Tensor, phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = head.cfg
         with torch.no_grad():
-            sets = head.token_sets(images)
+            sets = head.sets_from_taps({k: inputs[f"tap{k}"] for k in cfg.taps})
         p, z = head.probabilities(sets)
         rows, cols = head.backbone.grid
         gt = F.interpolate(masks.float().unsqueeze(1), size=(rows, cols), mode="bilinear",
@@ -47,6 +52,6 @@ class AfClipTraining(MethodTraining):
         seg_focal = (binary_focal_loss_official_gradient if cfg.seg_gradient == "official"
                      else binary_focal_loss)
         seg = seg_focal(p[:, 1:], gt, cfg.focal_gamma) + (p[:, 1:] - gt).abs().mean()
-        align = torch.stack([patch_alignment_loss(zs[:, 1:], gt) for zs in z]).mean()
+        align = torch.stack([patch_alignment_loss(zs[:, 1:].float(), gt) for zs in z]).mean()
         total = cls + cfg.lambda_seg * seg + cfg.lambda_align * align
         return total, {"cls": cls.item(), "seg": seg.item(), "align": align.item()}

@@ -73,7 +73,7 @@ def prototype_score(f: torch.Tensor, prototypes: torch.Tensor, tau: float) -> to
     """Eq. 2 for every prototype set: ``f (..., E)``, ``prototypes (M, 2, E)`` -> ``(..., M)``."""
     cos = F.normalize(f, dim=-1) @ F.normalize(prototypes, dim=-1).reshape(-1, f.shape[-1]).T
     cos = cos.reshape(*f.shape[:-1], prototypes.shape[0], 2)
-    return torch.softmax(cos / tau, dim=-1)[..., 1]
+    return torch.softmax(cos.float() / tau, dim=-1)[..., 1]  # fp32 under autocast
 
 
 def topk_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,14 +139,15 @@ class CmadHead(BankMemory, AnomalyHead):
         if agg == "mean":
             return torch.full((f_g.shape[0], m), 1.0 / m, device=f_g.device)
         if agg.startswith("set:"):
-            return F.one_hot(torch.full((f_g.shape[0],), self.set_names.index(agg[4:])), m).float()
+            index = torch.full((f_g.shape[0],), self.set_names.index(agg[4:]), device=f_g.device)
+            return F.one_hot(index, m).float()
         d = self.relevance(f_g)
         if agg == "max":
             return F.one_hot(d.argmax(dim=1), m).float()
         if agg == "best":
             raise ValueError("aggregation 'best' is evaluated set by set; the evaluator "
                              "runs the variants (see evaluation_variants)")
-        return torch.softmax(d / self.cfg.tau_prime, dim=1)
+        return torch.softmax(d.float() / self.cfg.tau_prime, dim=1)
 
     def relevance(self, f_g: torch.Tensor) -> torch.Tensor:
         """Eq. 7: ``d_m = max(<p_g,m^n, f_g>, <p_g,m^a, f_g>)`` as ``(B, M)``."""

@@ -19,6 +19,11 @@ CMAD_TRAINING = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "betas": (0.9, 0.9
 
 class CmadTraining(MethodTraining):
     defaults = CMAD_TRAINING
+    caches_features = True  # frozen global and local embeddings, no augmentation
+
+    def frozen_features(self, head: CmadHead, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        f_g, f_l = head.features(images)
+        return {"global": f_g, **{f"local{i}": f for i, f in enumerate(f_l)}}
 
     def phases(self, head: CmadHead, datasets: list[str], settings: dict) -> list[TrainPhase]:
         if list(datasets) != head.set_names:
@@ -41,9 +46,10 @@ class CmadTraining(MethodTraining):
         those batches keeps its random start.
         """
         m = phase.context["set"]
-        g_sum = torch.zeros(2, head.global_prototypes.shape[-1])
+        device = head.global_prototypes.device
+        g_sum = torch.zeros(2, head.global_prototypes.shape[-1], device=device)
         l_sum = torch.zeros_like(g_sum)
-        g_n, l_n = torch.zeros(2), torch.zeros(2)
+        g_n, l_n = torch.zeros(2, device=device), torch.zeros(2, device=device)
         rows, cols = head.backbone.grid
         for images, labels, masks in batches:
             f_g, f_l = head.features(images)
@@ -65,12 +71,12 @@ class CmadTraining(MethodTraining):
             if l_n[c]:
                 head.local_prototypes[m, c] = l_sum[c] / l_n[c]
 
-    def loss(self, head: CmadHead, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-             phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, head: CmadHead, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+             masks: torch.Tensor, phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. 3-5 for the prototype set of ``phase`` (the other sets get no gradient)."""
         m = phase.context["set"]
-        with torch.no_grad():
-            f_g, f_l = head.features(images)
+        f_g = inputs["global"]
+        f_l = [inputs[f"local{i}"] for i in range(len(head.cfg.taps))]
         s_g = prototype_score(f_g, head.global_prototypes[m:m + 1], head.cfg.tau)[:, 0]
         l_global = F.binary_cross_entropy(s_g.clamp(1e-6, 1 - 1e-6), labels.float())
         g = masks.float()

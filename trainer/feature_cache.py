@@ -1,0 +1,73 @@
+"""Frozen-backbone features of training images, computed once and reused every epoch.
+
+The backbone is frozen and AF-CLIP and CMAD train without augmentation, so an image's
+taps are the same every time it is drawn. Training asks the method for them
+(``MethodTraining.frozen_features``) only for images not cached yet; cached ones come from
+host memory (pinned when training on a GPU). Features are stored in ``dtype`` and every
+step reads them back through the same rounding, so the loss does not depend on whether an
+image was seen before. A budget in bytes bounds the cache; past it, the rest is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+Features = dict[str, torch.Tensor]
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class FeatureCache:
+    """Per-sample features keyed by the sample's index in the training set."""
+
+    def __init__(self, max_bytes: int, dtype: str = "float16", pin: bool = False) -> None:
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"train.cache_dtype {dtype!r} unknown; choose one of {list(CACHE_DTYPES)}")
+        self.max_bytes, self.dtype, self.pin = int(max_bytes), CACHE_DTYPES[dtype], pin
+        self.store: dict[int, Features] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._full_logged = False
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def features(self, keys: list[int], images: torch.Tensor,
+                 compute: Callable[[torch.Tensor], Features]) -> Features:
+        """Features of the batch ``images`` (sample ids ``keys``), computing only the missing
+        ones; returned on the images' device in float32, batch-first."""
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh: Features = {}
+        if missing:
+            with torch.no_grad():
+                fresh = compute(images[missing])
+            fresh = {n: t.detach().to(self.dtype) for n, t in fresh.items()}
+            for j, i in enumerate(missing):
+                self._put(keys[i], {n: t[j] for n, t in fresh.items()})
+        names = list(fresh) if fresh else list(self.store[keys[0]])
+        slot = {i: j for j, i in enumerate(missing)}
+        out = {}
+        for n in names:
+            rows = [fresh[n][slot[i]] if i in slot else self.store[k][n].to(images.device, non_blocking=True)
+                    for i, k in enumerate(keys)]
+            out[n] = torch.stack([r.float() for r in rows])
+        return out
+
+    def _put(self, key: int, feats: Features) -> None:
+        size = sum(t.numel() * t.element_size() for t in feats.values())
+        if self.bytes + size > self.max_bytes:
+            if not self._full_logged:
+                log.info("feature cache full at %.2f GB (%d images); the rest is recomputed; "
+                         "raise train.cache_gb to cache more", self.bytes / 1e9, len(self.store))
+                self._full_logged = True
+            return
+        host = {n: t.to("cpu", copy=True) for n, t in feats.items()}
+        if self.pin:
+            host = {n: t.pin_memory() for n, t in host.items()}
+        self.store[key] = host
+        self.bytes += size
