@@ -121,6 +121,8 @@ class RunConfig:
                                 "checkpoint_every": int, "workers": int, "log_every": int,
                                 "cache_gb": float, "device": str},
                         f"{source}: train")
+        if train["amp"] is False:  # YAML reads a bare `off` as false
+            train["amp"] = "off"
         if train["amp"] not in AMP_MODES:
             raise ConfigError(f"{source}: train.amp {train['amp']!r} unknown; choose one of "
                               f"{list(AMP_MODES)}")
