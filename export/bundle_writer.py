@@ -80,6 +80,7 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
     checkpoint = checkpoint or run_dir / "checkpoint.safetensors"
     ckpt = load_checkpoint(checkpoint)
     head = load_head(cfg, checkpoint, device="cpu")  # the graph and its parity check run on the CPU
+    head.check_exportable()
     if cfg.method == "memory" and not ckpt.memory:
         raise ValueError(f"{checkpoint} has no few-shot memory; the memory method needs an "
                          "enrolled checkpoint (eval writes them: "

@@ -34,6 +34,7 @@ import yaml
 
 from edge_inspect.runtime.preprocess import FIT_MODES, RESAMPLERS
 from edge_inspect.trainer.backbones import BackboneSpec
+from edge_inspect.trainer.data.batches import SAMPLINGS
 from edge_inspect.trainer.data.registry import DatasetSpec
 from edge_inspect.trainer.device import AMP_MODES
 from edge_inspect.trainer.feature_cache import CACHE_DTYPES
@@ -41,12 +42,12 @@ from edge_inspect.trainer.heads.registry import get_method
 from edge_inspect.trainer.metrics import AUPRO_PROTOCOLS
 
 TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "betas", "checkpoint_every", "workers",
-              "log_every", "device", "amp", "cache_features", "cache_gb", "cache_dtype")
+              "log_every", "device", "amp", "cache_features", "cache_gb", "cache_dtype", "sampling")
 # device: auto | cpu | cuda[:N] (also used by eval); amp: off | bf16 | fp16; the frozen
 # backbone's features are cached in host memory up to cache_gb, stored as cache_dtype.
 TRAIN_RUNTIME_DEFAULTS = {"checkpoint_every": 100, "workers": 0, "log_every": 10, "device": "auto",
                           "amp": "off", "cache_features": True, "cache_gb": 8.0,
-                          "cache_dtype": "float32"}
+                          "cache_dtype": "float32", "sampling": "shuffle"}
 CALIBRATION_DEFAULTS = {"false_alarm_rate": 0.01, "normals": 20}
 EVAL_DEFAULTS = {"batch_size": 8, "overlays": 6, "save_enrolled": True, "limit": None,
                  "aupro": "exact", "shot_seeds": None}
@@ -129,6 +130,9 @@ class RunConfig:
         if train["cache_dtype"] not in CACHE_DTYPES:
             raise ConfigError(f"{source}: train.cache_dtype {train['cache_dtype']!r} unknown; "
                               f"choose one of {list(CACHE_DTYPES)}")
+        if train["sampling"] not in SAMPLINGS:
+            raise ConfigError(f"{source}: train.sampling {train['sampling']!r} unknown; choose one "
+                              f"of {SAMPLINGS}")
         if not isinstance(train["cache_features"], bool):
             raise ConfigError(f"{source}: train.cache_features must be true or false")
         train["betas"] = [float(b) for b in train.get("betas", (0.9, 0.999))]

@@ -196,6 +196,8 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
             head.enroll(loader(shots).images.to(_device(head)))
         else:
             head.clear_memory()
+        if head.scores_depend_on_batch:  # the official test loader: unshuffled, normals first
+            test_idx = sorted(test_idx, key=lambda i: test.records[i].label)
         items = [(test, i) for i in test_idx]
         scores, maps, labels, masks = score_items(head, loader, items, cfg.eval["batch_size"],
                                                   f"{tag}{spec.name}/{cls}")

@@ -123,7 +123,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         if p < start_phase:
             continue
         source = StepBatches([datasets[n] for n in phase.datasets], cfg.train["batch_size"],
-                             (cfg.seed, p), loader)
+                             (cfg.seed, p), loader, cfg.train["sampling"])
         total = _phase_steps(phase, source.steps_per_epoch)
         optimizer = torch.optim.Adam(phase.parameters, lr=cfg.train["lr"],
                                      betas=tuple(cfg.train["betas"]))

@@ -159,3 +159,102 @@ def test_textile_package():
     s = ds[0]
     assert s.image.shape == (250, 250, 3) and s.class_name == "textile" and s.mask.sum() == 0
     assert len(TextileImages(["local"])) == 500
+
+
+def _plane_cloud(h=16, w=20, hole=True) -> np.ndarray:
+    """A tilted plane z = 0.5 + 0.001 x seen by a camera at the origin (metres), a
+    missing 3x3 patch (all-zero points), as MVTec 3D-AD stores it."""
+    ys, xs = np.mgrid[:h, :w].astype(np.float32)
+    x, y = (xs - w / 2) * 0.001, (ys - h / 2) * 0.001
+    z = 0.5 + 1.0 * x  # rises with x: 45 degrees
+    xyz = np.stack([x, y, z], -1).astype(np.float32)
+    if hole:
+        xyz[5:8, 5:8] = 0
+    return xyz
+
+
+def test_depth_and_normals_renderings():
+    from edge_inspect.trainer.data.render3d import depth_from_xyz, normals_from_xyz
+
+    xyz = _plane_cloud()
+    depth = depth_from_xyz(xyz)
+    assert depth.shape == (16, 20, 3) and depth.dtype == np.uint8
+    assert (depth[5:8, 5:8] == 0).all()  # missing points are black
+    row = depth[0, :, 0].astype(int)
+    assert row[0] == 255 and row[-1] == 32 and (np.diff(row) <= 0).all()  # nearer is brighter
+    normals = normals_from_xyz(xyz)
+    n = normals.astype(float) / 255 * 2 - 1
+    want = np.array([-1.0, 0.0, 1.0]) / np.sqrt(2)
+    want = -want if (want * xyz[8, 12]).sum() > 0 else want  # towards the camera
+    inner = n[10:14, 10:18].reshape(-1, 3)
+    assert np.abs(inner - want).max() < 0.01
+    assert (normals[5:8, 4:9] == 0).all() and (normals[4:9, 5:8] == 0).all()  # a missing neighbour
+    assert (normals[0] == 0).all() and normals[4, 4].any()  # borders; a diagonal hole is fine
+
+
+def test_mvtec3d_rendered_as_depth_and_normals(tmp_path):
+    root = tmp_path / "mv3d"
+    for split, defect in (("train", "good"), ("test", "good"), ("test", "hole")):
+        d = root / "bagel" / split / defect
+        write_image(d / "rgb/000.png")
+        (d / "xyz").mkdir(parents=True)
+        tifffile.imwrite(d / "xyz/000.tiff", _plane_cloud(), photometric="rgb")
+        if defect != "good":
+            write_mask(d / "gt/000.png")
+    from edge_inspect.trainer.data.render3d import depth_from_xyz, normals_from_xyz
+
+    depth = MVTec3DAD(root, "test", render="depth")
+    assert np.array_equal(depth[1].image, depth_from_xyz(_plane_cloud()))
+    assert depth[1].mask.sum() == 16 and depth[1].label == 1
+    normals = MVTec3DAD(root, "test", render="normals")
+    assert np.array_equal(normals[0].image, normals_from_xyz(_plane_cloud()))
+    with pytest.raises(ValueError, match="render 'height' unknown"):
+        MVTec3DAD(root, "test", render="height")
+
+
+def _eyecandies(tmp_path: Path) -> Path:
+    import yaml
+
+    root = tmp_path / "eyecandies"
+    for cat in ("CandyCane", "GummyBear"):
+        for split, ids in (("train", ["000", "001"]), ("test_public", ["00", "01", "02"])):
+            data = root / cat / split / "data"
+            data.mkdir(parents=True)
+            for i, sid in enumerate(ids):
+                bad = split == "test_public" and i > 0
+                (data / f"{sid}_metadata.yaml").write_text(yaml.safe_dump({"anomalous": int(bad)}))
+                write_image(data / f"{sid}_image_5.png", value=90)
+                normals = np.zeros((16, 20, 3), np.uint8)
+                normals[...] = (128, 128, 255)  # facing the camera
+                cv2.imwrite(str(data / f"{sid}_normals.png"), normals[..., ::-1])
+                depth = np.full((16, 20), 30000, np.uint16)
+                depth[:, 10:] = 40000
+                depth[0, 0] = 0
+                cv2.imwrite(str(data / f"{sid}_depth.png"), depth)
+                if bad:
+                    write_mask(data / f"{sid}_mask.png")
+    return root
+
+
+def test_eyecandies(tmp_path):
+    from edge_inspect.trainer.data import Eyecandies
+    from edge_inspect.trainer.data.registry import DatasetSpec
+
+    root = _eyecandies(tmp_path)
+    test = Eyecandies(root, "test")  # normals by default: the dataset's own encoding
+    assert len(test) == 6 and list(test.labels) == [0, 1, 1, 0, 1, 1]
+    s = test[1]
+    assert tuple(s.image[5, 5]) == (128, 128, 255) and s.mask.sum() == 16 and s.defect == "anomalous"
+    depth = Eyecandies(root, "test", ["GummyBear"], render="depth")[0].image
+    assert depth[0, 0, 0] == 0 and depth[5, 2, 0] == 255 and depth[5, 15, 0] == 32
+    rgb = Eyecandies(root, "train", "CandyCane", render="rgb")[0]
+    check_sample(rgb, 0, "good", False)
+    half = DatasetSpec.from_dict({"name": "eye1", "kind": "eyecandies", "root": str(root),
+                                  "split": "all", "categories": ["CandyCane"]}, "test").open()
+    assert len(half) == 5 and half.class_names == ["CandyCane"]  # train + test of one half
+    assert int(half.labels.sum()) == 2
+    (root / "GummyBear/test_public/data/01_mask.png").unlink()
+    with pytest.raises(DatasetError, match="missing mask .*01_mask.png"):
+        Eyecandies(root, "test")
+    with pytest.raises(ValueError, match="split 'test_private' unknown"):
+        Eyecandies(root, "test_private")

@@ -29,6 +29,21 @@ def test_afclip_paper_settings():
 
 
 def test_cmad_paper_settings():
-    cfg = RunConfig.from_yaml(ROOT / "configs/cmad/vitl14-224-3d-to-mvtec.yaml")
-    assert cfg.backbone.input_size == 224 and len(cfg.train_data) == 2
+    """The reproduction configs: the code's backbone, preprocessing, sets and optimiser."""
+    cfg = RunConfig.from_yaml(ROOT / "configs/cmad/vith14-224-3d-to-mvtec.yaml")
+    assert (cfg.backbone.arch, cfg.backbone.input_size, cfg.backbone.act) == ("ViT-H-14", 224, "gelu")
+    assert (cfg.fit_mode, cfg.interpolation, cfg.seed) == ("short_side_crop", "bicubic_antialias", 10)
+    assert [d.options.get("render") for d in cfg.train_data] == ["depth", "depth", "normals", "normals"]
+    assert all(d.split == "all" for d in cfg.train_data)
+    halves = [set(d.options["categories"]) for d in cfg.train_data]
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 10
     assert cfg.train["steps"] == 1500 and cfg.train["batch_size"] == 16 and cfg.train["lr"] == 1e-3
+    assert cfg.train["betas"] == [0.5, 0.999] and cfg.train["sampling"] == "balanced"
+    h = cfg.head
+    assert (h["tau"], h["tau_prime"], h["lam"], h["lam_prime"], h["topk"]) == (0.07, 0.04, 0.8, 0.5, 50)
+    assert (h["local_space"], h["vdi_score"], h["harmonization"], h["prototype_init"]) == (
+        "width", "grid_max", "per_image", "normal")
+    assert tuple(h["taps"]) == (5, 15, 25)
+    rgb = RunConfig.from_yaml(ROOT / "configs/cmad/vith14-224-rgb-to-mvtec3d.yaml")
+    assert [d.kind for d in rgb.train_data] == ["mvtec", "visa", "mvtec", "mvtec"]
+    assert rgb.target_data[0].options["render"] == "depth"

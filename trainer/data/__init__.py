@@ -1,7 +1,14 @@
-"""Datasets: one item type (:class:`Sample`) for every on-disk layout."""
+"""Datasets: layouts on disk -> :class:`Sample` items (image, label, mask, class, path)."""
 
-from edge_inspect.trainer.data.datasets import FolderDataset, MVTec3DAD, MVTecAD, TextileImages, VisA
+from edge_inspect.trainer.data.datasets import (
+    Eyecandies,
+    FolderDataset,
+    MVTec3DAD,
+    MVTecAD,
+    TextileImages,
+    VisA,
+)
 from edge_inspect.trainer.data.sample import DatasetError, Record, RecordDataset, Sample
 
-__all__ = ["DatasetError", "FolderDataset", "MVTec3DAD", "MVTecAD", "Record", "RecordDataset",
-           "Sample", "TextileImages", "VisA"]
+__all__ = ["DatasetError", "Eyecandies", "FolderDataset", "MVTec3DAD", "MVTecAD", "Record",
+           "RecordDataset", "Sample", "TextileImages", "VisA"]

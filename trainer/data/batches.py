@@ -40,20 +40,51 @@ class BatchLoader:
         return Batch(images, labels, torch.from_numpy(masks), pictures, samples)
 
 
+SAMPLINGS = ("shuffle", "balanced")
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item ``s`` is the batch of optimiser step ``s``: lets a DataLoader prefetch with workers.
 
-    The order is a seeded permutation per epoch, so step ``s`` always sees the same images:
-    resuming at step ``s`` continues the exact sequence.
+    ``shuffle``: a seeded permutation of all images per epoch. ``balanced`` (CMAD's code):
+    half the batch normal, half anomalous, each class walking its own seeded permutations
+    and starting a new one when it runs out (the smaller class is seen more often). Either
+    way step ``s`` always sees the same images: resuming at ``s`` continues the sequence.
     """
 
     def __init__(self, datasets: list[RecordDataset], batch_size: int, seed: tuple[int, ...],
-                 loader: BatchLoader) -> None:
+                 loader: BatchLoader, sampling: str = "shuffle") -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"train.sampling {sampling!r} unknown; choose one of {SAMPLINGS}")
         self.items = [(ds, i) for ds in datasets for i in range(len(ds))]
         self.batch_size, self.seed, self.loader = batch_size, seed, loader
+        self.sampling = sampling
         self.steps_per_epoch = -(-len(self.items) // batch_size)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        if sampling == "balanced":
+            labels = np.array([ds.records[i].label for ds, i in self.items])
+            self.pools = [np.nonzero(labels == c)[0] for c in (0, 1)]
+            names = ", ".join(ds.name for ds in datasets)
+            if batch_size % 2 or not all(len(p) for p in self.pools):
+                raise ValueError(f"balanced batches need an even train.batch_size and both normal "
+                                 f"and anomalous images; {names} has {len(self.pools[0])} normal, "
+                                 f"{len(self.pools[1])} anomalous (use train.sampling=shuffle)")
+
+    def _balanced(self, step: int) -> list[int]:
+        half, out = self.batch_size // 2, []
+        for c, pool in enumerate(self.pools):
+            for draw in range(step * half, (step + 1) * half):
+                epoch, within = divmod(draw, len(pool))
+                if (c, epoch) not in self._orders:
+                    self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
+                    rng = np.random.default_rng([*self.seed, c, epoch])
+                    self._orders[c, epoch] = rng.permutation(len(pool))
+                out.append(int(pool[self._orders[c, epoch][within]]))
+        return out
 
     def indices(self, step: int) -> list[int]:
+        if self.sampling == "balanced":
+            return self._balanced(step)
         epoch, within = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.items))
         return order[within * self.batch_size:(within + 1) * self.batch_size].tolist()

@@ -1,4 +1,5 @@
-"""Dataset layouts: MVTec AD, VisA, MVTec 3D-AD, a generic folder, the textile images.
+"""Dataset layouts: MVTec AD, VisA, MVTec 3D-AD, Eyecandies, a generic folder, the textile
+images.
 
 Each class only finds the files and builds :class:`Record`s; reading and checking happen in
 :mod:`trainer.data.sample`, so every layout reports a bad file the same way.
@@ -10,6 +11,7 @@ import csv
 from collections.abc import Iterable
 from pathlib import Path
 
+from edge_inspect.trainer.data.render3d import RENDERINGS
 from edge_inspect.trainer.data.sample import (
     DatasetError,
     Record,
@@ -114,11 +116,17 @@ class VisA(RecordDataset):
 
 
 class MVTec3DAD(RecordDataset):
-    """MVTec 3D-AD: ``<root>/<class>/<split>/<defect>/{rgb,xyz,gt}`` (xyz: float TIFF)."""
+    """MVTec 3D-AD: ``<root>/<class>/<split>/<defect>/{rgb,xyz,gt}`` (xyz: float TIFF).
+
+    ``render``: ``rgb`` (the colour images, with the point map alongside), or ``depth`` /
+    ``normals`` rendered from the point map (:mod:`trainer.data.render3d`).
+    """
 
     def __init__(self, root: str | Path, split: str = "test",
-                 categories: str | list[str] | None = None) -> None:
+                 categories: str | list[str] | None = None, render: str = "rgb") -> None:
         _check_split(split, ("train", "validation", "test"))
+        if render not in RENDERINGS:
+            raise ValueError(f"MVTec 3D-AD render {render!r} unknown; choose one of {RENDERINGS}")
         root = Path(root)
         records = []
         for cat, defect, folder in _defect_dirs(root, categories, split, "MVTec 3D-AD"):
@@ -130,8 +138,49 @@ class MVTec3DAD(RecordDataset):
                 if defect != "good" and not mask.exists():
                     raise DatasetError(f"missing mask {mask} for defective image {image}")
                 records.append(Record(image, int(defect != "good"), cat, defect,
-                                      mask if defect != "good" else None, xyz))
-        super().__init__(records, f"MVTec 3D-AD {split} at {root}")
+                                      mask if defect != "good" else None, xyz, render))
+        super().__init__(records, f"MVTec 3D-AD {split} ({render}) at {root}")
+
+
+class Eyecandies(RecordDataset):
+    """Eyecandies (eyecan-ai): ``<root>/<Category>/<split>/data/<id>_<item>.<ext>``.
+
+    Splits ``train`` and ``val`` (all normal), ``test`` (= ``test_public``, labelled; the
+    private test has no labels). Labels from ``<id>_metadata.yaml`` (``anomalous: 0/1``),
+    masks ``<id>_mask.png``. ``render``: ``rgb`` (``<id>_image_5.png``, the global light),
+    ``normals`` (``<id>_normals.png``, the dataset's own RGB encoding of the unit normals)
+    or ``depth`` (``<id>_depth.png`` rendered as :mod:`trainer.data.render3d` says).
+    """
+
+    FOLDERS = {"train": "train", "val": "val", "test": "test_public"}
+    FILES = {"rgb": "image_5.png", "normals": "normals.png", "depth": "depth.png"}
+
+    def __init__(self, root: str | Path, split: str = "test",
+                 categories: str | list[str] | None = None, render: str = "normals") -> None:
+        import yaml
+
+        _check_split(split, tuple(self.FOLDERS))
+        if render not in self.FILES:
+            raise ValueError(f"Eyecandies render {render!r} unknown; choose one of {tuple(self.FILES)}")
+        root = Path(root)
+        records = []
+        for cat in _categories(root, categories, self.FOLDERS[split]):
+            data = require_dir(root / cat / self.FOLDERS[split] / "data", f"Eyecandies {cat} {split}")
+            for meta in sorted(data.glob("*_metadata.yaml")):
+                sample_id = meta.name[: -len("_metadata.yaml")]
+                try:
+                    label = int((yaml.safe_load(meta.read_text()) or {}).get("anomalous", 0))
+                except (yaml.YAMLError, TypeError, ValueError) as exc:
+                    raise DatasetError(f"cannot read the label in {meta}: {exc}") from exc
+                image = data / f"{sample_id}_{self.FILES[render]}"
+                if not image.exists():
+                    raise DatasetError(f"missing {image} ({render} of sample {sample_id})")
+                mask = data / f"{sample_id}_mask.png"
+                if label and not mask.exists():
+                    raise DatasetError(f"missing mask {mask} for anomalous sample {sample_id}")
+                records.append(Record(image, label, cat, "anomalous" if label else "good",
+                                      mask if label else None, None, render))
+        super().__init__(records, f"Eyecandies {split} ({render}) at {root}")
 
 
 class FolderDataset(RecordDataset):

@@ -1,7 +1,8 @@
 """Datasets named in run configs: ``{name, kind, root, split, ...}`` -> a dataset object.
 
 ``kind`` is one of :data:`KINDS`. Extra keys go to the dataset class (``categories`` for
-MVTec / VisA / MVTec 3D-AD, ``kinds`` for textile, ``classes`` / ``per_class`` / ``size`` /
+MVTec / VisA / MVTec 3D-AD / Eyecandies, ``render`` (rgb / depth / normals) for MVTec
+3D-AD and Eyecandies, ``kinds`` for textile, ``classes`` / ``per_class`` / ``size`` /
 ``seed`` for synthetic). Kinds with a train split of normal images give the few-shot memory
 and the calibration normals from it; the others (``folder``, ``textile``) lend them from
 the test split's normal images, which are then left out of the evaluation.
@@ -11,14 +12,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge_inspect.trainer.data.datasets import FolderDataset, MVTec3DAD, MVTecAD, TextileImages, VisA
+from edge_inspect.trainer.data.datasets import (
+    Eyecandies,
+    FolderDataset,
+    MVTec3DAD,
+    MVTecAD,
+    TextileImages,
+    VisA,
+)
 from edge_inspect.trainer.data.sample import RecordDataset
 from edge_inspect.trainer.data.synthetic import SyntheticDefects
 
-KINDS = ("mvtec", "visa", "mvtec3d", "folder", "textile", "synthetic")
-WITH_TRAIN_SPLIT = ("mvtec", "visa", "mvtec3d", "synthetic")
+KINDS = ("mvtec", "visa", "mvtec3d", "eyecandies", "folder", "textile", "synthetic")
+WITH_TRAIN_SPLIT = ("mvtec", "visa", "mvtec3d", "eyecandies", "synthetic")
 OPTIONS = {
-    "mvtec": ("categories",), "visa": ("categories",), "mvtec3d": ("categories",),
+    "mvtec": ("categories",), "visa": ("categories",), "mvtec3d": ("categories", "render"),
+    "eyecandies": ("categories", "render"),
     "folder": ("class_name",), "textile": ("kinds",),
     "synthetic": ("classes", "per_class", "size", "seed", "blob_radius"),
 }
@@ -63,15 +72,28 @@ class DatasetSpec:
         return self.kind in WITH_TRAIN_SPLIT
 
     def open(self, split: str | None = None) -> RecordDataset:
-        """The dataset at ``split`` (default: the entry's own split)."""
+        """The dataset at ``split`` (default: the entry's own split).
+
+        ``all``: the train split followed by the test split, as CMAD builds an auxiliary
+        set (train/good + test/good + every test anomaly).
+        """
         split = split or self.split
+        if split == "all":
+            if not self.has_train_split:
+                raise ValueError(f"dataset {self.name!r} ({self.kind}) has no train split; "
+                                 "split: all needs one")
+            parts = [self.open("train"), self.open("test")]
+            return RecordDataset([r for p in parts for r in p.records],
+                                 f"{self.name}: train + test ({' + '.join(p.name for p in parts)})")
         o = self.options
         if self.kind == "mvtec":
             return MVTecAD(self.root, split, o.get("categories"))
         if self.kind == "visa":
             return VisA(self.root, split, o.get("categories"))
         if self.kind == "mvtec3d":
-            return MVTec3DAD(self.root, split, o.get("categories"))
+            return MVTec3DAD(self.root, split, o.get("categories"), o.get("render", "rgb"))
+        if self.kind == "eyecandies":
+            return Eyecandies(self.root, split, o.get("categories"), o.get("render", "normals"))
         if self.kind == "folder":
             return FolderDataset(self.root, o.get("class_name"))
         if self.kind == "textile":

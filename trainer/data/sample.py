@@ -48,6 +48,7 @@ class Record:
     defect: str
     mask: Path | None = None
     xyz: Path | None = None
+    render: str = "rgb"  # depth / normals: the image is rendered from 3D data (render3d)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -98,8 +99,35 @@ def read_xyz(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return xyz
 
 
+def _rendered(record: Record) -> np.ndarray:
+    """The image of a record whose ``render`` is depth or normals (trainer.data.render3d)."""
+    from edge_inspect.trainer.data import render3d
+
+    if record.xyz is not None:  # MVTec 3D-AD: from the point map
+        import tifffile
+
+        try:
+            xyz = np.asarray(tifffile.imread(record.xyz), dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"cannot read point map {record.xyz}: {exc}") from exc
+        if xyz.ndim != 3 or xyz.shape[2] != 3:
+            raise DatasetError(f"point map {record.xyz} has shape {xyz.shape}, expected (H, W, 3)")
+        return (render3d.depth_from_xyz if record.render == "depth" else render3d.normals_from_xyz)(xyz)
+    if record.render == "depth":  # Eyecandies: 16-bit depth png, 0 = none
+        depth = cv2.imread(str(record.image), cv2.IMREAD_UNCHANGED)
+        if depth is None or depth.ndim != 2:
+            raise DatasetError(f"cannot read depth image {record.image} (16-bit grey expected)")
+        return render3d.depth_image(depth.astype(np.float64), depth > 0)
+    return read_rgb(record.image)  # Eyecandies normals: already encoded as RGB
+
+
 def load_record(record: Record) -> Sample:
     """Read the files of ``record`` into a :class:`Sample`."""
+    if record.render != "rgb":
+        image = _rendered(record)
+        hw = image.shape[:2]
+        mask = read_mask(record.mask, hw) if record.mask else np.zeros(hw, np.uint8)
+        return Sample(image, record.label, mask, record.class_name, record.image, record.defect)
     image = read_rgb(record.image)
     hw = image.shape[:2]
     mask = read_mask(record.mask, hw) if record.mask else np.zeros(hw, np.uint8)

@@ -70,6 +70,12 @@ class AnomalyHead(nn.Module):
 
     method: str = ""
     backbone: Backbone
+    # True when an image's score depends on the other images of its batch (CMAD's per-batch
+    # harmonization): evaluation reproduces the official batching, export refuses.
+    scores_depend_on_batch: bool = False
+
+    def check_exportable(self) -> None:
+        """Raise a ValueError naming the setting when this head cannot become a bundle."""
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 3, H, W)`` normalized images -> image scores ``(B,)`` and maps ``(B, H, W)``."""

@@ -1,8 +1,10 @@
 """CMAD training (Eq. 3-5): one phase per auxiliary dataset, each training its own
-prototype set on that dataset only; prototypes start at the dataset's class means.
+prototype set on that dataset only.
 
-Defaults (not given in the paper, see the model's docstring): Adam lr 1e-3, batch 16,
-1500 steps per set.
+As the official code: Adam lr 1e-3, betas (0.5, 0.999), 1500 steps per set, batches of
+8 normal + 8 anomalous images (``train.sampling: balanced``), prototypes from N(0, 0.02^2)
+(``head.prototype_init: class_mean`` starts them at the dataset's class means), the
+global term a 2-class cross-entropy of ``cos / tau``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from edge_inspect.trainer.heads.base import MethodTraining, TrainPhase
-from edge_inspect.trainer.heads.cmad.model import CmadHead, prototype_score
+from edge_inspect.trainer.heads.cmad.model import CmadHead, prototype_logits, prototype_score
 from edge_inspect.trainer.losses import dice_loss, softmax_focal_loss
 
-CMAD_TRAINING = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "betas": (0.9, 0.999)}
+CMAD_TRAINING = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "betas": (0.5, 0.999),
+                 "sampling": "balanced"}
 
 
 class CmadTraining(MethodTraining):
@@ -37,18 +40,19 @@ class CmadTraining(MethodTraining):
 
     @torch.no_grad()
     def begin_phase(self, head: CmadHead, phase: TrainPhase, batches: list[tuple[torch.Tensor, ...]]) -> None:
-        """Start set ``m`` at its dataset's mean normal / abnormal embeddings.
+        """With ``prototype_init: class_mean``, start set ``m`` at its dataset's mean normal /
+        abnormal embeddings (the code keeps the N(0, 0.02^2) start: the default).
 
-        The paper does not say how prototypes are initialised. Starting from the class means
-        of the dataset's first batches (global: image embeddings by label; local: patch
-        embeddings by mask, all taps) puts each set where its data is, which is what the
-        harmonization weights (Eq. 7-8) rely on; a prototype whose class is absent from
-        those batches keeps its random start.
+        Class means of the dataset's first batches (global: image embeddings by label;
+        local: patch features by mask, all taps) put each set where its data is; a
+        prototype whose class is absent from those batches keeps its random start.
         """
+        if head.cfg.prototype_init != "class_mean":
+            return
         m = phase.context["set"]
         device = head.global_prototypes.device
         g_sum = torch.zeros(2, head.global_prototypes.shape[-1], device=device)
-        l_sum = torch.zeros_like(g_sum)
+        l_sum = torch.zeros(2, head.local_prototypes.shape[-1], device=device)
         g_n, l_n = torch.zeros(2, device=device), torch.zeros(2, device=device)
         rows, cols = head.backbone.grid
         for images, labels, masks in batches:
@@ -77,10 +81,10 @@ class CmadTraining(MethodTraining):
         m = phase.context["set"]
         f_g = inputs["global"]
         f_l = [inputs[f"local{i}"] for i in range(len(head.cfg.taps))]
-        s_g = prototype_score(f_g, head.global_prototypes[m:m + 1], head.cfg.tau)[:, 0]
-        l_global = F.binary_cross_entropy(s_g.clamp(1e-6, 1 - 1e-6), labels.float())
+        logits = prototype_logits(f_g, head.global_prototypes[m:m + 1], head.cfg.tau)[:, 0]
+        l_global = F.cross_entropy(logits, labels.long())
         g = masks.float()
-        l_local = s_g.new_zeros(())
+        l_local = l_global.new_zeros(())
         for f in f_l:
             s_l = head._upsample(prototype_score(f, head.local_prototypes[m:m + 1], head.cfg.tau)[..., 0])
             probs = torch.stack([1 - s_l, s_l], dim=1)
