@@ -54,8 +54,13 @@ def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize",
         return resize(image, size, interpolation)
     if mode == "short_side_crop":
         ih, iw = image.shape[:2]
-        scale = max(h / ih, w / iw)  # torchvision: short side to the size, long side truncated
-        new = (max(h, int(ih * scale)), max(w, int(iw * scale)))
+        if h != w:
+            raise ValueError(f"short_side_crop needs a square size, got {w}x{h}")
+        # torchvision's Resize(s): the short side becomes s, the long int(s * long / short)
+        if ih <= iw:
+            new = (h, int(h * iw / ih))
+        else:
+            new = (int(h * ih / iw), h)
         image = resize(image, new, interpolation)
         top, left = int(round((new[0] - h) / 2.0)), int(round((new[1] - w) / 2.0))  # torchvision's
         return image[top:top + h, left:left + w]
@@ -128,12 +133,33 @@ def resize_bicubic_antialias(image: np.ndarray, size: tuple[int, int]) -> np.nda
     weights without rounding.
     """
     h, w = size
+    pillow_fits = image.ndim == 2 or image.shape[2] in (1, 3)
+    if image.dtype == np.uint8 and pillow_fits and _pillow() is not None:
+        Image = _pillow()  # the same numbers, ~6x faster; Pillow is optional on the runtime
+        plane = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((w, h), Image.BICUBIC))
+        return out[..., None] if plane is not image else out
+    return resize_bicubic_antialias_numpy(image, size)
+
+
+def resize_bicubic_antialias_numpy(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """:func:`resize_bicubic_antialias` in numpy alone (also for float planes)."""
+    h, w = size
     out = image
     if out.shape[1] != w:
         out = _resample_axis(out, w, 1)
     if out.shape[0] != h:
         out = _resample_axis(out, h, 0)
     return out
+
+
+@lru_cache(maxsize=1)
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    return Image
 
 
 def read_rgb(path) -> np.ndarray:

@@ -103,6 +103,11 @@ class RunConfig:
         _check_keys(data, ("train", "target"), f"{source}: data")
         train_data = [DatasetSpec.from_dict(d, f"{source}: data.train") for d in data.get("train") or []]
         target_data = [DatasetSpec.from_dict(d, f"{source}: data.target") for d in data.get("target") or []]
+        for d in target_data:
+            if d.split in ("all", "train"):
+                raise ConfigError(f"{source}: target dataset {d.name!r} has split {d.split}; the "
+                                  "shots and calibration normals come from its train split, so a "
+                                  "target is evaluated on its test split (drop split)")
         names = [d.name for d in train_data + target_data]
         if len(set(d.name for d in train_data)) != len(train_data):
             raise ConfigError(f"{source}: auxiliary dataset names must be unique, got {names}")

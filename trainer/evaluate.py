@@ -163,12 +163,14 @@ def _sheet(head: AnomalyHead, loader: BatchLoader, items: list[Item], scores: np
         return
     b = loader([items[i] for i in picks])
     with torch.no_grad():
-        s, maps = head(b.images.to(_device(head)))
-    s, maps = s.float().cpu(), maps.float().cpu()
+        _, maps = head(b.images.to(_device(head)))
+    maps = maps.float().cpu()
     vmax = float(maps.max())
     tiles = []
+    # captions carry the scores of the evaluation itself (a re-scored batch of picks would
+    # differ for a head whose scores depend on the batch)
     for pic, amap, mask, sample, sc in zip(b.pictures, maps.numpy(), b.masks.numpy(), b.samples,
-                                           s.numpy(), strict=True):
+                                           scores[picks], strict=True):
         flagged = threshold is not None and sc > threshold
         if sample.label:
             verdict = "" if threshold is None else (" caught" if flagged else " MISSED")
@@ -210,8 +212,12 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
         else:
             row["note"] = "only one label among the test images: no AUROC"
         defects = [test.records[i].defect for i in test_idx]
-        row["calibration"] = cal = _calibrate(cfg, head, loader, calib, labels, scores, defects,
-                                              f"{tag}{spec.name}/{cls} calibration")
+        if head.scores_depend_on_batch:  # normals scored in normal-only batches mean nothing
+            row["calibration"] = cal = {"chosen": None, "note": "no threshold: this head's scores "
+                                        "depend on the batch (CMAD harmonization per_batch)"}
+        else:
+            row["calibration"] = cal = _calibrate(cfg, head, loader, calib, labels, scores,
+                                                  defects, f"{tag}{spec.name}/{cls} calibration")
         chosen = cal[cal["chosen"]] if cal["chosen"] else None
         threshold = chosen["threshold"] if chosen else None
         classes[cls] = row
@@ -240,6 +246,7 @@ class EvalDirError(ValueError):
 
 
 PARTIAL = ".partial"
+OWNER = ".owner"  # inside a .partial folder: the pid writing it
 
 
 def eval_dir_for(run_dir: Path, cfg: RunConfig) -> Path:
@@ -250,10 +257,23 @@ def eval_dir_for(run_dir: Path, cfg: RunConfig) -> Path:
     """
     base = run_dir / f"eval-{cfg.shots}shot"
     out, n = base, 1
-    while out.exists():
+    while out.exists() or _live_owner(out.with_name(out.name + PARTIAL)) is not None:
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     return out
+
+
+def _live_owner(partial: Path) -> int | None:
+    """The pid of a running evaluation that is writing ``partial``, if any (this process's
+    own leftovers, from an evaluation that raised, are not running)."""
+    try:
+        pid = int((partial / OWNER).read_text())
+        if pid == os.getpid():
+            return None
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def _start_partial(out_dir: Path) -> Path:
@@ -266,10 +286,19 @@ def _start_partial(out_dir: Path) -> Path:
         raise EvalDirError(f"{out_dir} already holds results; pass another --out (nothing was "
                            "changed)")
     partial = out_dir.with_name(out_dir.name + PARTIAL)
+    busy = EvalDirError(f"{partial} is being written by another evaluation; wait for it or "
+                        "pass another --out")
     if partial.exists():
+        if _live_owner(partial) is not None:
+            raise busy
         log.warning("removing %s: the incomplete output of an interrupted evaluation", partial)
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.mkdir()  # exclusive: of two evaluations starting together, one gets it
+    except FileExistsError:
+        raise busy from None
+    (partial / OWNER).write_text(str(os.getpid()))
     return partial
 
 
@@ -318,31 +347,31 @@ def evaluate_run(cfg: RunConfig, checkpoint: Path | None, out_dir: Path) -> dict
     work = _start_partial(out_dir)
     seeds = list(cfg.eval["shot_seeds"] or [cfg.seed]) if cfg.shots else [cfg.seed]
     variants = head.evaluation_variants()
-    per_seed, report = {}, {}
+    by_variant: dict[str, dict[int, dict]] = {}
     for seed in seeds:
         sdir = work if len(seeds) == 1 else work / f"seed-{seed}"
-        results = {}
         for variant in variants:
             head.set_variant(variant)
             vdir = sdir if len(variants) == 1 else sdir / variant.replace(":", "-")
             tag = "" if len(variants) == 1 else f"[{variant}] "
             tag += "" if len(seeds) == 1 else f"[seed {seed}] "
-            results[variant or "default"] = {
+            by_variant.setdefault(variant or "default", {})[seed] = {
                 spec.name: evaluate_dataset(cfg, head, spec, vdir, params, tag, seed)
                 for spec in cfg.target_data}
-        best = max(results, key=lambda v: _overall(results[v]))
-        per_seed[seed] = results[best]
-        report = {"name": cfg.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
-                  "aupro_protocol": cfg.eval["aupro"],
-                  "checkpoint": str(checkpoint) if checkpoint else None, "datasets": results[best]}
-        if len(variants) > 1:
-            report["variant"] = best
-            report["variants"] = results
+    # one variant for all seeds: the best on the metrics averaged over the seeds
+    results = {v: (per[seeds[0]] if len(seeds) == 1 else _seed_mean(per)) for v, per in by_variant.items()}
+    best = max(results, key=lambda v: _overall(results[v]))
+    report = {"name": cfg.name, "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+              "aupro_protocol": cfg.eval["aupro"],
+              "checkpoint": str(checkpoint) if checkpoint else None, "datasets": results[best]}
+    if len(variants) > 1:
+        report["variant"] = best
+        report["variants"] = results
     if len(seeds) > 1:
         report["shot_seeds"] = seeds
-        report["datasets"] = _seed_mean(per_seed)
-        report["seeds"] = {str(s): per_seed[s] for s in seeds}
+        report["seeds"] = {str(s): by_variant[best][s] for s in seeds}
     atomic_write(work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    (work / OWNER).unlink()
     os.replace(work, out_dir)
     return report
 

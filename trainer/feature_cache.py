@@ -3,7 +3,8 @@
 The backbone is frozen and AF-CLIP and CMAD train without augmentation, so an image's
 taps are the same every time it is drawn. Training asks the method for them
 (``MethodTraining.frozen_features``) only for images not cached yet; cached ones come from
-host memory (pinned when training on a GPU). Features are stored in ``dtype`` and every
+host memory (not page-locked: tens of GB of pinned memory would starve the host; the
+DataLoader's image batches are pinned on a GPU). Features are stored in ``dtype`` and every
 step reads them back through the same rounding, so the loss does not depend on whether an
 image was seen before. A budget in bytes bounds the cache; past it, the rest is recomputed.
 """
@@ -23,10 +24,10 @@ CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 class FeatureCache:
     """Per-sample features keyed by the sample's index in the training set."""
 
-    def __init__(self, max_bytes: int, dtype: str = "float16", pin: bool = False) -> None:
+    def __init__(self, max_bytes: int, dtype: str = "float32") -> None:
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"train.cache_dtype {dtype!r} unknown; choose one of {list(CACHE_DTYPES)}")
-        self.max_bytes, self.dtype, self.pin = int(max_bytes), CACHE_DTYPES[dtype], pin
+        self.max_bytes, self.dtype = int(max_bytes), CACHE_DTYPES[dtype]
         self.store: dict[int, Features] = {}
         self.bytes = 0
         self.hits = self.misses = 0
@@ -66,8 +67,5 @@ class FeatureCache:
                          "raise train.cache_gb to cache more", self.bytes / 1e9, len(self.store))
                 self._full_logged = True
             return
-        host = {n: t.to("cpu", copy=True) for n, t in feats.items()}
-        if self.pin:
-            host = {n: t.pin_memory() for n, t in host.items()}
-        self.store[key] = host
+        self.store[key] = {n: t.to("cpu", copy=True) for n, t in feats.items()}
         self.bytes += size

@@ -80,12 +80,28 @@ def _phase_steps(phase: TrainPhase, steps_per_epoch: int) -> int:
 
 
 def _save_state(path: Path, head: AnomalyHead, phase: int, step: int,
-                optimizer: torch.optim.Optimizer | None) -> None:
+                optimizer: torch.optim.Optimizer | None,
+                scaler: torch.amp.GradScaler | None = None) -> None:
     """Training state; at a phase boundary the next phase starts a fresh optimizer."""
     state = {"phase": phase, "step": step,
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "scaler": scaler.state_dict() if scaler is not None else None,
              "params": {k: v.detach().cpu().clone() for k, v in head.trainable_state().items()}}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _truncate_log(log_file: Path, phase_names: list[str], phase: int, step: int) -> None:
+    """Drop log records after the resumed point (they are about to be run again)."""
+    if not log_file.exists():
+        return
+    order = {name: i for i, name in enumerate(phase_names)}
+    keep = []
+    for line in log_file.read_text().splitlines():
+        r = json.loads(line)
+        at = order.get(r.get("phase"), len(phase_names))
+        if at < phase or (at == phase and r.get("step", 0) <= step):
+            keep.append(line)
+    atomic_write(log_file, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep)))
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
@@ -108,13 +124,17 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         raise ValueError(f"{cfg.source}: {cfg.method} trains on auxiliary data; list it under data.train")
     prepare_run_dir(cfg, run_dir, resume)
     log.info("training on %s (amp %s)", device, amp)
-    start_phase, start_step, opt_state = 0, 0, None
+    start_phase, start_step, opt_state, scaler_state = 0, 0, None, None
     state_file = run_dir / STATE_FILE
     if resume and state_file.exists():
-        state = torch.load(state_file, weights_only=True, map_location=device)
+        # on the CPU: the optimizer moves its moments to the parameters' device itself and
+        # keeps Adam's step counters on the CPU, where they belong
+        state = torch.load(state_file, weights_only=True, map_location="cpu")
         head.load_trainable_state(state["params"])
         start_phase, start_step, opt_state = state["phase"], state["step"], state["optimizer"]
+        scaler_state = state.get("scaler")
         log.info("resuming at phase %d step %d", start_phase, start_step)
+        _truncate_log(run_dir / LOG_FILE, [ph.name for ph in phases], start_phase, start_step)
     loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
                          cfg.interpolation)
     log_file = run_dir / LOG_FILE
@@ -131,13 +151,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         first = start_step if p == start_phase else 0
         if p == start_phase and opt_state is not None:
             optimizer.load_state_dict(opt_state)
+            if scaler is not None and scaler_state:
+                scaler.load_state_dict(scaler_state)
         if first >= total:
             continue
         if first == 0:
             init = [tuple(t.to(device) for t in source[s][:3]) for s in range(min(INIT_BATCHES, total))]
             with autocast(device, amp):
                 training.begin_phase(head, phase, init)
-        cache = (FeatureCache(int(cfg.train["cache_gb"] * 1e9), cfg.train["cache_dtype"], pin=on_gpu)
+        cache = (FeatureCache(int(cfg.train["cache_gb"] * 1e9), cfg.train["cache_dtype"])
                  if cfg.train["cache_features"] and training.caches_features else None)
         batches = torch.utils.data.DataLoader(source, batch_size=None, sampler=range(first, total),
                                               num_workers=cfg.train["workers"], pin_memory=on_gpu)
@@ -174,7 +196,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
                 with log_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             if done % cfg.train["checkpoint_every"] == 0 and done < total:
-                _save_state(state_file, head, p, done, optimizer)
+                _save_state(state_file, head, p, done, optimizer, scaler)
         if cache is not None:
             log.info("feature cache: %d images, %.2f GB, %d hits / %d computed", len(cache),
                      cache.bytes / 1e9, cache.hits, cache.misses)

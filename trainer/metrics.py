@@ -199,8 +199,10 @@ def aupro_afclip(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3,
         raise ValueError(f"no threshold keeps the FPR below {fpr_limit}")
     x, y = fpr[keep], pro[keep]
     x = x / x.max() if x.max() > 0 else x
-    order = np.argsort(x, kind="mergesort")
-    return float(_trapezoid(y[order], x[order]))
+    # In threshold order, as sklearn's auc(fpr, pro) integrates the official rows: FPR
+    # falls as the threshold rises, so the area is the negated trapezoid (ties at equal
+    # FPR keep their threshold order, which decides the PRO at each end of a tie).
+    return float(-_trapezoid(y, x))
 
 
 @dataclass

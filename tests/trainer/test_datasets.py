@@ -246,13 +246,15 @@ def test_eyecandies(tmp_path):
     s = test[1]
     assert tuple(s.image[5, 5]) == (128, 128, 255) and s.mask.sum() == 16 and s.defect == "anomalous"
     depth = Eyecandies(root, "test", ["GummyBear"], render="depth")[0].image
-    assert depth[0, 0, 0] == 0 and depth[5, 2, 0] == 255 and depth[5, 15, 0] == 32
+    assert depth[0, 0, 0] == 255 and depth[5, 2, 0] > depth[5, 15, 0] == 32  # 0 is the nearest
     rgb = Eyecandies(root, "train", "CandyCane", render="rgb")[0]
     check_sample(rgb, 0, "good", False)
     half = DatasetSpec.from_dict({"name": "eye1", "kind": "eyecandies", "root": str(root),
                                   "split": "all", "categories": ["CandyCane"]}, "test").open()
     assert len(half) == 5 and half.class_names == ["CandyCane"]  # train + test of one half
     assert int(half.labels.sum()) == 2
+    (root / "CandyCane/train/data/001_metadata.yaml").unlink()  # train samples are good
+    assert len(Eyecandies(root, "train", "CandyCane")) == 2
     (root / "GummyBear/test_public/data/01_mask.png").unlink()
     with pytest.raises(DatasetError, match="missing mask .*01_mask.png"):
         Eyecandies(root, "test")

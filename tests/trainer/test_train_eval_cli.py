@@ -70,6 +70,11 @@ def test_resume_continues_to_the_same_parameters(tmp_path, monkeypatch):
     resumed = load_checkpoint(train(cfg, tmp_path / "cut", resume=True)).params
     for name, tensor in full.items():
         assert torch.allclose(resumed[name], tensor, atol=1e-6), name
+    # the log holds each step once: records past the resumed step were dropped, not repeated
+    records = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    full_log = (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
+    assert [(r["phase"], r["step"]) for r in records] == [
+        (json.loads(line)["phase"], json.loads(line)["step"]) for line in full_log]
     with pytest.raises(RunDirError, match="differs"):
         train(RunConfig.from_yaml(CMAD, ["train.steps=11"]), tmp_path / "cut", resume=True)
 
@@ -198,3 +203,46 @@ def test_few_shot_protocol_over_shot_seeds(tmp_path):
         assert (folder / "enrolled" / "weave-weave.safetensors").exists()
     with pytest.raises(ConfigError, match="shot_seeds must be a list of integers"):
         RunConfig.from_yaml(CMAD, ["eval.shot_seeds=5"])
+
+
+def test_per_batch_harmonization_is_evaluated_without_a_threshold(tmp_path):
+    from edge_inspect.trainer.evaluate import evaluate_run
+
+    cfg = RunConfig.from_yaml(CMAD, ["train.steps=2", "eval.overlays=2", "eval.batch_size=16",
+                                     "head.harmonization=per_batch"])
+    ckpt = train(cfg, tmp_path / "run")
+    report = evaluate_run(cfg, ckpt, tmp_path / "run" / "e")
+    cal = report["datasets"]["weave"]["classes"]["weave"]["calibration"]
+    assert cal["chosen"] is None and "depend on the batch" in cal["note"]
+    assert (tmp_path / "run" / "e" / "overlays" / "weave-weave.png").exists()
+
+
+def test_targets_are_evaluated_on_their_test_split():
+    with pytest.raises(ConfigError, match="target dataset 'weave' has split all"):
+        RunConfig.from_yaml(CMAD, ["data.target=[{name: weave, kind: synthetic, split: all}]"])
+
+
+def test_a_running_evaluation_keeps_its_folder(tmp_path):
+    """A .partial another live process writes is neither deleted nor shared."""
+    import subprocess
+    import sys
+
+    from edge_inspect.trainer.evaluate import EvalDirError, _start_partial, eval_dir_for
+
+    cfg = RunConfig.from_yaml(CMAD)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        partial = tmp_path / "eval-2shot.partial"
+        partial.mkdir()
+        (partial / ".owner").write_text(str(sleeper.pid))
+        (partial / "metrics-so-far").write_text("x")
+        with pytest.raises(EvalDirError, match="being written by another evaluation"):
+            _start_partial(tmp_path / "eval-2shot")
+        assert (partial / "metrics-so-far").exists()
+        assert eval_dir_for(tmp_path, cfg).name == "eval-2shot-2"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert eval_dir_for(tmp_path, cfg).name == "eval-2shot"  # its owner is gone: stale
+    assert _start_partial(tmp_path / "eval-2shot") == partial
+    assert not (partial / "metrics-so-far").exists()

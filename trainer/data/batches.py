@@ -76,7 +76,8 @@ class StepBatches(torch.utils.data.Dataset):
             for draw in range(step * half, (step + 1) * half):
                 epoch, within = divmod(draw, len(pool))
                 if (c, epoch) not in self._orders:
-                    self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
+                    self._orders = {k: v for k, v in self._orders.items()
+                                    if k[0] != c or k[1] >= epoch - 1}
                     rng = np.random.default_rng([*self.seed, c, epoch])
                     self._orders[c, epoch] = rng.permutation(len(pool))
                 out.append(int(pool[self._orders[c, epoch][within]]))

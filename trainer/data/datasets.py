@@ -146,8 +146,9 @@ class Eyecandies(RecordDataset):
     """Eyecandies (eyecan-ai): ``<root>/<Category>/<split>/data/<id>_<item>.<ext>``.
 
     Splits ``train`` and ``val`` (all normal), ``test`` (= ``test_public``, labelled; the
-    private test has no labels). Labels from ``<id>_metadata.yaml`` (``anomalous: 0/1``),
-    masks ``<id>_mask.png``. ``render``: ``rgb`` (``<id>_image_5.png``, the global light),
+    private test has no labels). Samples are found by their image file; labels from
+    ``<id>_metadata.yaml`` (``anomalous: 0/1``; train and val samples without one are
+    good), masks ``<id>_mask.png``. ``render``: ``rgb`` (``<id>_image_5.png``, the global light),
     ``normals`` (``<id>_normals.png``, the dataset's own RGB encoding of the unit normals)
     or ``depth`` (``<id>_depth.png`` rendered as :mod:`trainer.data.render3d` says).
     """
@@ -166,15 +167,22 @@ class Eyecandies(RecordDataset):
         records = []
         for cat in _categories(root, categories, self.FOLDERS[split]):
             data = require_dir(root / cat / self.FOLDERS[split] / "data", f"Eyecandies {cat} {split}")
-            for meta in sorted(data.glob("*_metadata.yaml")):
-                sample_id = meta.name[: -len("_metadata.yaml")]
-                try:
-                    label = int((yaml.safe_load(meta.read_text()) or {}).get("anomalous", 0))
-                except (yaml.YAMLError, TypeError, ValueError) as exc:
-                    raise DatasetError(f"cannot read the label in {meta}: {exc}") from exc
-                image = data / f"{sample_id}_{self.FILES[render]}"
-                if not image.exists():
-                    raise DatasetError(f"missing {image} ({render} of sample {sample_id})")
+            suffix = f"_{self.FILES[render]}"
+            images = sorted(data.glob(f"*{suffix}"))
+            if not images:
+                raise DatasetError(f"{data} holds no *{suffix} files ({render} images)")
+            for image in images:
+                sample_id = image.name[: -len(suffix)]
+                meta = data / f"{sample_id}_metadata.yaml"
+                if not meta.exists() and split != "test":
+                    label = 0  # train and val hold good samples only
+                elif not meta.exists():
+                    raise DatasetError(f"missing {meta}: the label of test sample {sample_id}")
+                else:
+                    try:
+                        label = int((yaml.safe_load(meta.read_text()) or {}).get("anomalous", 0))
+                    except (yaml.YAMLError, TypeError, ValueError, AttributeError) as exc:
+                        raise DatasetError(f"cannot read the label in {meta}: {exc}") from exc
                 mask = data / f"{sample_id}_mask.png"
                 if label and not mask.exists():
                     raise DatasetError(f"missing mask {mask} for anomalous sample {sample_id}")

@@ -8,7 +8,8 @@ released). The renderings chosen here, from each dataset's own files:
   all-zero): the z channel of the valid points, min-max normalized per image and
   inverted so nearer is brighter, mapped to grey levels 32..255; missing points are 0
   (black), so the background never looks like the farthest surface. Grey in 3 channels.
-  Eyecandies ``<id>_depth.png`` (16-bit, 0 = no depth) is rendered the same way.
+  Eyecandies ``<id>_depth.png`` (16-bit, normalized per image by the dataset; a rendered
+  scene has depth everywhere, so every pixel counts) is rendered the same way.
 * **normals** (MVTec 3D-AD): the unit normal of each point from the cross product of the
   central differences of its 4 neighbours, oriented towards the camera, encoded as
   ``RGB = round((n + 1) / 2 * 255)``; points with a missing neighbour are 0. Eyecandies

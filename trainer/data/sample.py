@@ -113,11 +113,11 @@ def _rendered(record: Record) -> np.ndarray:
         if xyz.ndim != 3 or xyz.shape[2] != 3:
             raise DatasetError(f"point map {record.xyz} has shape {xyz.shape}, expected (H, W, 3)")
         return (render3d.depth_from_xyz if record.render == "depth" else render3d.normals_from_xyz)(xyz)
-    if record.render == "depth":  # Eyecandies: 16-bit depth png, 0 = none
+    if record.render == "depth":  # Eyecandies: 16-bit depth png, rendered scenes (no holes)
         depth = cv2.imread(str(record.image), cv2.IMREAD_UNCHANGED)
         if depth is None or depth.ndim != 2:
             raise DatasetError(f"cannot read depth image {record.image} (16-bit grey expected)")
-        return render3d.depth_image(depth.astype(np.float64), depth > 0)
+        return render3d.depth_image(depth.astype(np.float64), np.ones(depth.shape, bool))
     return read_rgb(record.image)  # Eyecandies normals: already encoded as RGB
 
 
