@@ -76,7 +76,8 @@ class PipelineVsEngine:
         size = (self.bundle.image.height, self.bundle.image.width)
         name = self.bundle.image.name
         frames = [rng.integers(0, 256, (250, 250, 3), dtype=np.uint8) for _ in range(16)]
-        self.inputs = [{name: np.ascontiguousarray(fit_image(f, size, self.bundle.image.fit)[None])}
+        plane = self.bundle.image
+        self.inputs = [{name: np.ascontiguousarray(fit_image(f, size, plane.fit, plane.interpolation)[None])}
                        for f in frames]
         self.bare = open_engine(self.bundle, threads=threads)
         results = Sender(TransportConfig(f"ipc://{tmp}/results", mode="live", hwm=10000))

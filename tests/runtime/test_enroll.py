@@ -51,8 +51,9 @@ def test_enroll_without_torch_matches_torch(runs, bundles, tmp_path, name, metho
     # the trainer enrolls the same shots with torch
     head = load_head(cfg, enrolled(runs[method]))
     size = head.backbone.input_size
-    pictures = [fit_image(cv2.imread(str(p))[..., ::-1], size, cfg.fit_mode) for p in shot_files]
-    head.enroll(to_batch(pictures, size, head.backbone.normalization, cfg.fit_mode))
+    fit = (cfg.fit_mode, cfg.interpolation)  # what the bundle's plane says (the runtime's fit)
+    pictures = [fit_image(cv2.imread(str(p))[..., ::-1], size, *fit) for p in shot_files]
+    head.enroll(to_batch(pictures, size, head.backbone.normalization, *fit))
     for key, want in head.memory_state().items():
         got, want = new.memory[key], want.numpy()
         assert got.shape == want.shape, key
@@ -62,9 +63,9 @@ def test_enroll_without_torch_matches_torch(runs, bundles, tmp_path, name, metho
 
     # scores of the new bundle equal the torch head's on other images
     others = sorted((tmp_path / "normals").iterdir())[-3:]
-    frames = np.stack([fit_image(cv2.imread(str(p))[..., ::-1], size, cfg.fit_mode) for p in others])
+    frames = np.stack([fit_image(cv2.imread(str(p))[..., ::-1], size, *fit) for p in others])
     with torch.no_grad():
-        want_score, _ = head(to_batch(list(frames), size, head.backbone.normalization, cfg.fit_mode))
+        want_score, _ = head(to_batch(list(frames), size, head.backbone.normalization, *fit))
     got_score = open_engine(new).infer({"image": frames})["image_score"]
     assert np.abs(got_score - want_score.numpy()).max() <= 1e-3
     t = new.manifest["threshold"]

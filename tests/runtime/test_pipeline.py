@@ -78,7 +78,7 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
     stop.set()
     thread.join(5)
     size = (bundle.image.height, bundle.image.width)
-    fitted = np.stack([fit_image(f, size, bundle.image.fit) for f in frames])
+    fitted = np.stack([fit_image(f, size, bundle.image.fit, bundle.image.interpolation) for f in frames])
     direct = open_engine(bundle).infer({"image": fitted})
     for seq, msg in got.items():
         assert abs(msg.header["score"] - float(direct["image_score"][seq])) < 1e-4
@@ -199,7 +199,8 @@ def test_the_inference_thread_hands_a_single_frame_to_the_engine_without_copying
     frames = [rng.integers(0, 256, (250, 250, 3), dtype=np.uint8) for _ in range(2)]
     items = [pipe.prepare(decode(encode("frame", "cam0", i, time.monotonic_ns(), [f])), time.monotonic_ns())
              for i, f in enumerate(frames)]
-    fitted = [fit_image(f, (bundle.image.height, bundle.image.width), bundle.image.fit) for f in frames]
+    fitted = [fit_image(f, (bundle.image.height, bundle.image.width), bundle.image.fit,
+                         bundle.image.interpolation) for f in frames]
     assert items[0].planes["image"].flags.c_contiguous
     _, single, _ = pipe.infer(items[:1])
     assert np.shares_memory(engine.inputs[0], items[0].planes["image"])
