@@ -50,13 +50,20 @@ class FeatureCache:
             fresh = {n: t.detach().to(self.dtype) for n, t in fresh.items()}
             for j, i in enumerate(missing):
                 self._put(keys[i], {n: t[j] for n, t in fresh.items()})
-        names = list(fresh) if fresh else list(self.store[keys[0]])
-        slot = {i: j for j, i in enumerate(missing)}
+        computed = set(missing)
+        cached = [i for i in range(len(keys)) if i not in computed]
+        example = fresh if fresh else self.store[keys[0]]
         out = {}
-        for n in names:
-            rows = [fresh[n][slot[i]] if i in slot else self.store[k][n].to(images.device, non_blocking=True)
-                    for i, k in enumerate(keys)]
-            out[n] = torch.stack([r.float() for r in rows])
+        for n, t in example.items():
+            batch = torch.empty((len(keys), *t.shape[1 if fresh else 0:]), dtype=torch.float32,
+                                device=images.device)
+            if cached:  # one host-to-device copy for the cached rows of the batch
+                with torch.autocast(images.device.type, enabled=False):  # stack as stored
+                    rows = torch.stack([self.store[keys[i]][n] for i in cached])
+                batch[cached] = rows.to(images.device, non_blocking=True).float()
+            if missing:
+                batch[missing] = fresh[n].float()
+            out[n] = batch
         return out
 
     def _put(self, key: int, feats: Features) -> None:

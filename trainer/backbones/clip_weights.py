@@ -74,7 +74,10 @@ def _shape_config(sd: dict[str, torch.Tensor]) -> ClipConfig:
 
 def named_match(sd: dict[str, torch.Tensor]) -> ClipConfig | None:
     """The named architecture whose shapes the state dict has, if any."""
-    shapes = _shape_config(sd)
+    return _named(_shape_config(sd))
+
+
+def _named(shapes: ClipConfig) -> ClipConfig | None:
     for known in CLIP_CONFIGS.values():
         if replace(known, name="inferred", heads=0, text_heads=0, act="") == shapes:
             return known
@@ -91,7 +94,7 @@ def infer_clip_config(sd: dict[str, torch.Tensor], facts: ClipFileFacts | None =
     """
     facts = facts or ClipFileFacts("state_dict")
     cfg = _shape_config(sd)
-    known = named_match(sd)
+    known = _named(cfg)
     heads, text_heads = facts.heads, facts.text_heads
     if heads is None:
         if known is not None:
