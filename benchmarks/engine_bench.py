@@ -49,6 +49,8 @@ def texture_model() -> tuple[torch.nn.Module, np.ndarray]:
     ds = TextileImages(["nominal"])
     shots = [fit_image(ds[i].image, (248, 248), "center_crop") for i in range(4)]
     head.enroll(to_batch(shots, (248, 248), head.backbone.normalization, "center_crop"))
+    reference = [fit_image(ds[i].image, (248, 248), "center_crop") for i in range(500, 530)]
+    head.fit_reference([to_batch(reference, (248, 248), head.backbone.normalization, "center_crop")])
     frame = fit_image(ds[10].image, (248, 248), "center_crop")[None]
     return head.eval(), frame
 

@@ -82,7 +82,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     cfg = RunConfig.from_yaml(ROOT / "configs/memory/textile-texture.yaml", [
-        "calibration.normals=0", "eval.limit=null", "data.target=[{name: textile, kind: textile}]"])
+        "calibration.normals=0", "eval.limit=null", "data.target=[{name: textile, kind: textile}]",
+        "head.global_detector=window"])  # the detectors as they were before issue 13
     head = load_head(cfg, None)
     loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
                          cfg.interpolation)

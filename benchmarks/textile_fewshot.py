@@ -1,6 +1,8 @@
 """Few-shot quality on the textile images of conformal-clip-data, texture backbone + memory.
 
-Fit on K nominal images only (no defective image seen), then score every other nominal
+Fit on K nominal images only (no defective image seen; the shots-only head,
+``global_detector: window``: the shipped shift detector needs held-out normals, see
+``textile_operating_point.py``), then score every other nominal
 image and all local- and global-defect images; image AUROC of nominal vs local and nominal
 vs global, for K in {1, 4, 16} and 3 seeds (the shots drawn by the seed). Backbone
 features are computed once per image and shared by all runs.
@@ -16,6 +18,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +72,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cfg = TEXTURE_MEMORY
+    cfg = replace(TEXTURE_MEMORY, global_detector="window")
     backbone = TextureBackbone(INPUT).eval()
     taps = tuple(sorted(set(cfg.local_taps) | set(cfg.global_taps)))
     feats = extract_all(backbone, taps)

@@ -1,8 +1,11 @@
 """``edge-inspect enroll``: rebuild a bundle's few-shot memory and threshold, without torch.
 
 K normal images go through the bundle's own engine; the memory is rebuilt from its feature
-outputs (:mod:`runtime.enrollment`), the threshold recalibrated for the target
-false-alarm rate on held-out normal images scored with the new memory. The result is a new
+outputs (:mod:`runtime.enrollment`), with the reference the recipe asks for (the memory
+head's shift detector: ``reference_images`` further normals), and the threshold
+recalibrated for the target false-alarm rate on held-out normal images scored with the new
+memory (per detector when the recipe names detectors: their thresholds go into the memory,
+the decision threshold is 1). The result is a new
 bundle folder (model and parity report hard-linked or copied, new ``memory.npz`` and
 manifest), written under a temporary name and renamed: the old bundle stays as it was.
 """
@@ -19,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_inspect.runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file, staged_bundle
-from edge_inspect.runtime.calibration import calibrate_false_alarm_rate
-from edge_inspect.runtime.enrollment import build_memory
+from edge_inspect.runtime.calibration import calibrate_detectors, calibrate_false_alarm_rate, normals_needed
+from edge_inspect.runtime.enrollment import build_memory, reference_images
 from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
 
 
@@ -30,8 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", type=int, required=True, help="K normal images for the memory")
     parser.add_argument("--false-alarm-rate", type=float, default=None,
                         help="target for the threshold (default: the bundle's, else 0.01)")
-    parser.add_argument("--calibration-images", type=int, default=200,
+    parser.add_argument("--calibration-images", type=int, default=400,
                         help="most held-out normal images used to calibrate (the rest unused)")
+    parser.add_argument("--reference-images", type=int, default=None,
+                        help="held-out normal images for the memory's reference (default: the "
+                             "bundle's recipe, e.g. 100 for the memory head's shift detector)")
     parser.add_argument("--seed", type=int, default=0, help="which images become shots")
     parser.add_argument("--out", type=Path, default=None,
                         help="new bundle folder (default: <bundle>.enrolled-<UTC time>)")
@@ -53,9 +59,18 @@ def _infer(engine, paths: list[Path], outputs: list[str], batch: int) -> dict[st
     return parts
 
 
+def _features(engine, paths: list[Path], batch: int) -> dict[str, np.ndarray]:
+    """The bundle's ``feature.*`` outputs for ``paths``, keyed without the prefix."""
+    outputs = engine.bundle.feature_outputs
+    parts = _infer(engine, paths, [o.name for o in outputs], batch)
+    return {o.name.removeprefix("feature."): np.concatenate(parts[o.name],
+                                                            axis=list(o.shape).index("batch"))
+            for o in outputs}
+
+
 def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = None,
-           false_alarm_rate: float | None = None, calibration_images: int = 200, seed: int = 0,
-           batch: int = 8) -> Path:
+           false_alarm_rate: float | None = None, calibration_images: int = 400, seed: int = 0,
+           batch: int = 8, reference: int | None = None) -> Path:
     from edge_inspect.runtime.engines import open_engine
 
     bundle = load_bundle(bundle_dir)
@@ -71,31 +86,48 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
     files = sorted(p for p in Path(normal_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if shots < 1 or len(files) < shots:
         raise ValueError(f"{normal_dir} holds {len(files)} images; {shots} shots asked (need >= 1)")
+    recipe = bundle.memory_recipe or {}
+    n_ref = reference_images(recipe) if reference is None else reference
+    if reference_images(recipe) and n_ref < 1:
+        raise ValueError(f"{bundle_dir}'s memory fits a reference on held-out normal images: "
+                         "--reference-images must be at least 1")
+    if not reference_images(recipe) and n_ref:
+        raise ValueError(f"{bundle_dir}'s memory fits no reference: drop --reference-images")
+    detectors, shares = recipe.get("detectors") or [], recipe.get("detector_shares") or [1.0]
+    tails = recipe.get("detector_tails")
     order = np.random.default_rng(seed).permutation(len(files))
     shot_files = [files[i] for i in order[:shots]]
-    calib_files = [files[i] for i in order[shots:shots + calibration_images]]
+    ref_files = [files[i] for i in order[shots:shots + n_ref]]
+    calib_files = [files[i] for i in order[shots + n_ref:shots + n_ref + calibration_images]]
     old = m.get("threshold") or {}
     target = false_alarm_rate or old.get("target_false_alarm_rate") or 0.01
-    if len(calib_files) * target < 1:
+    need = normals_needed(target, shares, tails)
+    if len(calib_files) < need:
+        split = f" split {'/'.join(f'{s:g}' for s in shares)} over {detectors}" if detectors else ""
+        ref = f" + {n_ref} reference" if n_ref else ""
         raise ValueError(f"{len(calib_files)} held-out normal images cannot calibrate a false-alarm "
-                         f"rate of {target}: put at least {int(np.ceil(1 / target)) + shots} images in "
-                         f"{normal_dir}, or pass --false-alarm-rate")
+                         f"rate of {target}{split}: put at least {shots + n_ref + need} images "
+                         f"({shots} shots{ref} + {need}) in {normal_dir}, pass --false-alarm-rate "
+                         "or --calibration-images")
 
     engine = open_engine(bundle)
-    feature_outputs = bundle.feature_outputs
-    parts = _infer(engine, shot_files, [o.name for o in feature_outputs], batch)
-    features = {}
-    for o in feature_outputs:
-        axis = list(o.shape).index("batch")
-        features[o.name.removeprefix("feature.")] = np.concatenate(parts[o.name], axis=axis)
-    memory = build_memory(bundle.memory_recipe, features)
+    memory = build_memory(recipe, _features(engine, shot_files, batch),
+                          _features(engine, ref_files, batch) if ref_files else None)
     if set(memory) != set(bundle.memory):
         raise BundleError(f"enrollment built {sorted(memory)} but the bundle's memory has "
                           f"{sorted(bundle.memory)}; re-export the bundle")
     bundle.memory = memory
-    score = bundle.score_output
-    scores = np.concatenate(_infer(engine, calib_files, [score], batch)[score])
-    calibration = calibrate_false_alarm_rate(scores, target).as_dict()
+    if detectors:
+        name = "feature.detectors"
+        scores = np.concatenate(_infer(engine, calib_files, [name], batch)[name])
+        cal = calibrate_detectors(scores, detectors, shares, target, tails)
+        memory["detector_threshold"] = np.array([cal.detectors[d]["threshold"] for d in detectors],
+                                                np.float32)
+    else:
+        score = bundle.score_output
+        scores = np.concatenate(_infer(engine, calib_files, [score], batch)[score])
+        cal = calibrate_false_alarm_rate(scores, target)
+    calibration = cal.as_dict()
 
     out = Path(out or f"{bundle_dir}.enrolled-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     with staged_bundle(out) as tmp:
@@ -109,6 +141,7 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
         new["threshold"] = calibration
         new["enrollment"] = {"tool": "edge-inspect enroll (no torch)", "from_bundle": str(bundle_dir),
                              "normal_dir": str(normal_dir), "shots": [p.name for p in shot_files],
+                             "reference_images": [p.name for p in ref_files],
                              "calibration_images": len(calib_files), "seed": seed,
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         new["files"] = {name: sha256_file(tmp / name) for name in m["files"]}
@@ -125,10 +158,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = enroll(args.bundle, args.normal_dir, args.shots, args.out, args.false_alarm_rate,
-                 args.calibration_images, args.seed, args.batch)
+                 args.calibration_images, args.seed, args.batch, args.reference_images)
     m = json.loads((out / MANIFEST).read_text())
     t = m["threshold"]
-    print(f"new bundle: {out} ({args.shots} shots; old bundle kept at {args.bundle})")
+    n_ref = len(m["enrollment"]["reference_images"])
+    ref = f", {n_ref} reference normal images" if n_ref else ""
+    print(f"new bundle: {out} ({args.shots} shots{ref}; old bundle kept at {args.bundle})")
     print(f"threshold {t['threshold']:.6g} for a {t['target_false_alarm_rate']:.2%} false-alarm rate "
           f"({t['n_normal']} held-out normal images)")
+    for name, d in (t.get("detectors") or {}).items():
+        print(f"  detector {name}: threshold {d['threshold']:.6g} for "
+              f"{d['target_false_alarm_rate']:.2%} of the false alarms")
     return 0

@@ -9,8 +9,12 @@ so enrollment needs neither the trainer nor its config):
   per token set / tap, ``(sets, K * N, C)``;
 * ``patch_memory`` (the memory method): the standardized (or normalized) patch bank with
   its mean and std, the fold reference (each shot's top and bottom halves scored against
-  the rest; mean of maxima), and the window Gaussian (mean and inverse covariance of
-  window-mean features), with the recipe's metric, window and stride.
+  the rest; mean of maxima), and the global detector: ``global_detector: shift`` -- mean
+  and inverse covariance of the image-mean features of ``reference_images`` held-out
+  normal images; ``window`` (and recipes without the key) -- of the shots' window-mean
+  features, with the recipe's window and stride. Recipes that name ``detectors`` also
+  carry per-detector thresholds (``detector_threshold``, 1 until calibrated:
+  ``edge-inspect enroll`` sets them from its calibration images).
 
 Tests compare every array with the torch enrollment of the same shots.
 """
@@ -62,6 +66,18 @@ def patch_memory(local: np.ndarray, metric: str, grid: tuple[int, int]) -> dict[
             "local_reference": np.asarray(np.mean(maxima), np.float32)}
 
 
+def _gaussian(x: np.ndarray, ridge: float, what: str) -> dict[str, np.ndarray]:
+    """``global.mean`` and ``global.precision`` of the rows of ``x`` ``(n, C)`` (ridge relative
+    to the mean variance, as the trainer's ``fit_gaussian``)."""
+    n, c = x.shape
+    if n <= c + 1:
+        raise ValueError(f"{n} {what} cannot estimate a {c}-d covariance; give more than {c + 1}")
+    cov = np.cov(x.T)
+    cov = cov + ridge * np.diag(cov).mean() * np.eye(c)
+    return {"global.mean": x.mean(0).astype(np.float32),
+            "global.precision": np.linalg.inv(cov).astype(np.float32)}
+
+
 def window_gaussian(grids: np.ndarray, window: int, stride: int,
                     ridge: float = 1e-6) -> dict[str, np.ndarray]:
     """``grids (K, C, rows, cols)`` -> mean and precision of window-mean features."""
@@ -71,40 +87,56 @@ def window_gaussian(grids: np.ndarray, window: int, stride: int,
     starts_c = range(0, cols - window + 1, stride)
     w = np.stack([g[:, :, r:r + window, q:q + window].mean(axis=(2, 3))
                   for r in starts_r for q in starts_c], axis=1).reshape(-1, c)
-    if w.shape[0] <= c + 1:
-        raise ValueError(f"{w.shape[0]} windows cannot estimate a {c}-d covariance; use more shots")
-    cov = np.cov(w.T)
-    cov = cov + ridge * np.diag(cov).mean() * np.eye(c)
-    return {"global.mean": w.mean(0).astype(np.float32),
-            "global.precision": np.linalg.inv(cov).astype(np.float32)}
+    return _gaussian(w, ridge, "windows")
 
 
-def bank_recipe(params: dict, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def image_shift(grids: np.ndarray, ridge: float = 1e-6) -> dict[str, np.ndarray]:
+    """``grids (n, C, rows, cols)`` of held-out normals -> mean and precision of image means."""
+    return _gaussian(grids.astype(np.float64).mean(axis=(2, 3)), ridge, "reference normal images")
+
+
+def bank_recipe(params: dict, features: dict[str, np.ndarray],
+                reference: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """``bank_per_set``: the feature ``(sets, K, N, C)`` as normalized banks ``{"bank": ...}``."""
     return {"bank": bank_per_set(features[params.get("feature", "features")])}
 
 
-def patch_memory_recipe(params: dict, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``patch_memory``: the memory head's patch bank (+ window Gaussian with ``use_global``)."""
+def patch_memory_recipe(params: dict, features: dict[str, np.ndarray],
+                        reference: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """``patch_memory``: the memory head's patch bank, its global detector (with
+    ``use_global``) and, when the recipe names detectors, thresholds of 1."""
     rows_cols = features["global"].shape[-2:] if "global" in features else params.get("grid")
     grid = _grid(rows_cols, features["local"].shape[1])
     memory = patch_memory(features["local"], params["metric"], grid)
-    if params["use_global"]:
+    if params["use_global"] and params.get("global_detector", "window") == "shift":
+        if reference is None or "global" not in reference:
+            raise ValueError("the shift detector needs the features of reference normal images")
+        memory |= image_shift(reference["global"])
+    elif params["use_global"]:
         memory |= window_gaussian(features["global"], params["window"], params["stride"])
+    if params.get("detectors"):
+        memory["detector_threshold"] = np.ones(len(params["detectors"]), np.float32)
     return memory
+
+
+def reference_images(recipe: dict | None) -> int:
+    """Held-out normal images (beyond the shots) the recipe fits a reference on."""
+    return int((recipe or {}).get("reference_images", 0))
 
 
 # Recipe kinds a manifest may name (``memory.recipe.kind``); a method's spec picks one.
 RECIPES = {"bank_per_set": bank_recipe, "patch_memory": patch_memory_recipe}
 
 
-def build_memory(recipe: dict | None, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The memory arrays from a bundle's feature outputs (batch = shots), as its recipe says."""
+def build_memory(recipe: dict | None, features: dict[str, np.ndarray],
+                 reference: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The memory arrays from a bundle's feature outputs (batch = shots; ``reference``: of
+    the :func:`reference_images` held-out normals), as its recipe says."""
     kind = (recipe or {}).get("kind")
     if kind not in RECIPES:
         raise ValueError(f"memory recipe {kind!r} unknown to this runtime (it knows {list(RECIPES)}); "
                          "re-export the bundle or upgrade edge-inspect")
-    return RECIPES[kind](recipe, features)
+    return RECIPES[kind](recipe, features, reference)
 
 
 def _grid(rows_cols, n: int) -> tuple[int, int]:

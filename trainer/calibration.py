@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_inspect.runtime.calibration import Calibration, calibrate_false_alarm_rate
+from edge_inspect.runtime.calibration import (
+    Calibration,
+    calibrate_detectors,
+    calibrate_false_alarm_rate,
+    normals_needed,
+)
 from edge_inspect.trainer.metrics import f1_max
 
-__all__ = ["Calibration", "calibrate_f1", "calibrate_false_alarm_rate"]
+__all__ = ["Calibration", "calibrate_detectors", "calibrate_f1", "calibrate_false_alarm_rate",
+           "normals_needed"]
 
 
 def calibrate_f1(labels: np.ndarray, scores: np.ndarray) -> Calibration:

@@ -5,12 +5,14 @@ For every class of every target dataset:
 1. normal images for the few-shot memory and for calibration come from the class's train
    split (or, for layouts without one, from the test split's normals, which then leave the
    evaluation); a seeded draw picks ``shots`` for the memory and ``calibration.normals``
-   held-out normals;
+   held-out normals, of which a head with a reference (the memory head's shift detector)
+   takes the first ``head.reference_normals``;
 2. the head scores the test images (image score and map at the input resolution);
 3. metrics of the foundation issue (image AUROC / AP / F1-max, pixel AUROC / AP, AUPRO);
-4. thresholds: for a target false-alarm rate from the held-out normals, and F1-optimal
-   from the labelled test images; the stored one is the false-alarm one when there are
-   enough normals, else F1;
+4. thresholds: for a target false-alarm rate from the held-out normals (per detector for a
+   head with several, calibrated before the test images are scored), and F1-optimal from
+   the labelled test images; the stored one is the false-alarm one when there are enough
+   normals, else F1;
 5. with ``eval.save_enrolled``, an enrolled checkpoint per class (parameters + memory +
    calibration) for export.
 
@@ -34,7 +36,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge_inspect.trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
+from edge_inspect.trainer.calibration import (
+    calibrate_detectors,
+    calibrate_f1,
+    calibrate_false_alarm_rate,
+    normals_needed,
+)
 from edge_inspect.trainer.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
 from edge_inspect.trainer.config import RunConfig, build_head
 from edge_inspect.trainer.data.batches import BatchLoader
@@ -106,6 +113,68 @@ def split_normals(cfg: RunConfig, spec: DatasetSpec, test: RecordDataset,
     return shots, calib, test_idx
 
 
+def _image_batches(head: AnomalyHead, loader: BatchLoader, items: list[Item], batch_size: int,
+                   desc: str):
+    for s in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
+        yield loader(items[s:s + batch_size]).images.to(_device(head))
+
+
+@torch.no_grad()
+def _calibrate_detectors(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader,
+                         calib: list[Item], desc: str) -> dict:
+    """Per-detector thresholds from the calibration normals, set into ``head`` (before the
+    test images are scored, since they change the score)."""
+    scores = torch.cat([head.detector_scores(b).float().cpu()
+                        for b in _image_batches(head, loader, calib, cfg.eval["batch_size"], desc)])
+    try:
+        cal = calibrate_detectors(scores.numpy(), head.detectors, head.detector_shares,
+                                  float(cfg.calibration["false_alarm_rate"]), head.detector_tails)
+    except ValueError as exc:
+        return {"false_alarm_error": str(exc)}
+    head.set_detector_thresholds(torch.tensor([cal.detectors[k]["threshold"] for k in head.detectors]))
+    return {"false_alarm": cal.as_dict()}
+
+
+def enroll_and_calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader,
+                         shots: list[Item], calib: list[Item],
+                         desc: str) -> tuple[dict | None, list[Item]]:
+    """Enroll the shots, fit the head's reference on the first ``head.reference_normals``
+    calibration normals and, for a head with detectors, set their thresholds from the rest.
+
+    Returns the detector calibration (None for a one-score head) and the calibration
+    normals left for a threshold on the score.
+    """
+    if not shots:
+        head.clear_memory()
+        return None, calib
+    head.enroll(loader(shots).images.to(_device(head)))
+    reference, calib = calib[:head.reference_normals], calib[head.reference_normals:]
+    if head.reference_normals:
+        if len(reference) < head.reference_normals:
+            raise ValueError(f"{desc}: {len(reference)} held-out normal images, the shift "
+                             f"detector's reference needs {head.reference_normals} "
+                             "(head.shift_reference)")
+        head.fit_reference(_image_batches(head, loader, reference, cfg.eval["batch_size"],
+                                          f"{desc} reference"))
+    if head.detectors and calib:
+        return _calibrate_detectors(cfg, head, loader, calib, f"{desc} calibration"), calib
+    return None, calib
+
+
+def check_reference_normals(cfg: RunConfig, head: AnomalyHead) -> None:
+    """Refuse, before anything is written, a config whose held-out normals cannot cover
+    the head's reference (the memory head's shift detector)."""
+    r = head.reference_normals
+    n = int(cfg.calibration["normals"])
+    if r and cfg.shots and n < r:
+        target = float(cfg.calibration["false_alarm_rate"])
+        need = normals_needed(target, head.detector_shares, head.detector_tails)
+        raise ValueError(f"calibration.normals = {n}, but the {cfg.method} head's shift detector "
+                         f"fits its reference on the first head.shift_reference = {r} of them: set "
+                         f"calibration.normals to at least {r + need} ({need} more calibrate a "
+                         f"{target:g} false-alarm rate), or head.global_detector: window")
+
+
 @torch.no_grad()
 def score_items(head: AnomalyHead, loader: BatchLoader, items: list[Item], batch_size: int,
                 desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -124,10 +193,11 @@ def score_items(head: AnomalyHead, loader: BatchLoader, items: list[Item], batch
 
 
 def _calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader, calib: list[Item],
-               labels: np.ndarray, scores: np.ndarray, defects: list[str], desc: str) -> dict:
-    out: dict = {}
+               labels: np.ndarray, scores: np.ndarray, defects: list[str], desc: str,
+               detector_cal: dict | None = None) -> dict:
+    out: dict = dict(detector_cal or {})
     target = float(cfg.calibration["false_alarm_rate"])
-    if calib:
+    if calib and detector_cal is None:
         normal_scores = score_items(head, loader, calib, cfg.eval["batch_size"], desc)[0]
         try:
             out["false_alarm"] = calibrate_false_alarm_rate(normal_scores, target).as_dict()
@@ -194,10 +264,8 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     for cls in test.class_names:
         shots, calib, test_idx = split_normals(cfg, spec, test, train, cls, seed)
-        if shots:
-            head.enroll(loader(shots).images.to(_device(head)))
-        else:
-            head.clear_memory()
+        detector_cal, calib = enroll_and_calibrate(cfg, head, loader, shots, calib,
+                                                   f"{tag}{spec.name}/{cls}")
         if head.scores_depend_on_batch:  # the official test loader: unshuffled, normals first
             test_idx = sorted(test_idx, key=lambda i: test.records[i].label)
         items = [(test, i) for i in test_idx]
@@ -217,7 +285,8 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
                                         "depend on the batch (CMAD harmonization per_batch)"}
         else:
             row["calibration"] = cal = _calibrate(cfg, head, loader, calib, labels, scores,
-                                                  defects, f"{tag}{spec.name}/{cls} calibration")
+                                                  defects, f"{tag}{spec.name}/{cls} calibration",
+                                                  detector_cal)
         chosen = cal[cal["chosen"]] if cal["chosen"] else None
         threshold = chosen["threshold"] if chosen else None
         classes[cls] = row
@@ -343,6 +412,7 @@ def evaluate_run(cfg: RunConfig, checkpoint: Path | None, out_dir: Path) -> dict
     if not cfg.target_data:
         raise ValueError(f"{cfg.source}: no target datasets under data.target to evaluate on")
     head = load_head(cfg, checkpoint)
+    check_reference_normals(cfg, head)
     params = {k: v.detach().clone() for k, v in head.trainable_state().items()}
     work = _start_partial(out_dir)
     seeds = list(cfg.eval["shot_seeds"] or [cfg.seed]) if cfg.shots else [cfg.seed]

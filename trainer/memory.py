@@ -11,8 +11,15 @@
   test image's score is the mean squared Mahalanobis distance of its windows, divided by
   the feature count so normal images score about 1 (the chi-square mean; unseen normal
   images score somewhat higher, since a covariance from few windows overfits them).
+* :class:`ImageShift` -- a Gaussian of the image-level mean feature, fitted on held-out
+  normal images (not the shots: K images cannot estimate a covariance of image means). A
+  test image's score is its squared Mahalanobis distance divided by the feature count
+  (about 1 for normal images). A texture that drifts slightly everywhere moves the image
+  mean far more, relative to its normal spread, than it moves any one window: on the
+  textile images this catches the global defects that the window Gaussian misses
+  (``benchmarks/textile_detectors.py``).
 
-Both are plain tensors and matrix products, so they export to ONNX as constants.
+All are plain tensors and matrix products, so they export to ONNX as constants.
 """
 
 from __future__ import annotations
@@ -122,6 +129,25 @@ class PatchMemory(nn.Module):
         return torch.stack(maxima).mean()
 
 
+def fit_gaussian(x: torch.Tensor, ridge: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and inverse covariance of the rows of ``x`` ``(n, C)``, the covariance's diagonal
+    raised by ``ridge`` times its mean variance (keeps near-constant channels invertible)."""
+    if x.shape[0] <= x.shape[1] + 1:
+        raise ValueError(f"{x.shape[0]} {what} cannot estimate a {x.shape[1]}-d covariance; "
+                         f"give more than {x.shape[1] + 1}")
+    x = x.double()
+    cov = torch.cov(x.T)
+    cov = cov + ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype,
+                                                           device=cov.device)
+    return x.mean(0).float(), torch.linalg.inv(cov).float()
+
+
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """``(..., C)`` -> ``(...)`` squared Mahalanobis distance divided by ``C``."""
+    d = x.float() - mean
+    return ((d @ precision) * d).sum(-1) / d.shape[-1]
+
+
 class WindowGaussian(nn.Module):
     """Gaussian of window-mean features over the patch grid (global texture statistics).
 
@@ -139,7 +165,7 @@ class WindowGaussian(nn.Module):
         self.window, self.stride = window, stride
         self.ridge = ridge
         windows = self.window_means(grids.float()).reshape(-1, grids.shape[1])
-        mean, precision = self._gaussian(windows)
+        mean, precision = fit_gaussian(windows, ridge, "windows")
         self.register_buffer("mean", mean)
         self.register_buffer("precision", precision)
 
@@ -154,19 +180,44 @@ class WindowGaussian(nn.Module):
         self.register_buffer("precision", precision)
         return self
 
-    def _gaussian(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if w.shape[0] <= w.shape[1] + 1:
-            raise ValueError(f"{w.shape[0]} windows cannot estimate a {w.shape[1]}-d covariance; "
-                             "use more shots, a smaller window or stride")
-        cov = torch.cov(w.T)
-        cov = cov + self.ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], device=cov.device)
-        return w.mean(0), torch.linalg.inv(cov)
-
     def window_means(self, grids: torch.Tensor) -> torch.Tensor:
         """``(B, C, rows, cols)`` -> ``(B, windows, C)``."""
         return F.avg_pool2d(grids, self.window, self.stride).flatten(2).transpose(1, 2)
 
     def forward(self, grids: torch.Tensor) -> torch.Tensor:
         """``(B, C, rows, cols)`` -> ``(B,)`` mean squared Mahalanobis distance / C."""
-        d = self.window_means(grids.float()) - self.mean
-        return ((d @ self.precision) * d).sum(-1).mean(-1) / d.shape[-1]
+        return mahalanobis(self.window_means(grids.float()), self.mean, self.precision).mean(-1)
+
+
+class ImageShift(nn.Module):
+    """Gaussian of image-mean features of held-out normal images (a global shift detector).
+
+    Args:
+        means: ``(n, C)`` image-mean features (:meth:`image_means`) of normal images that are
+            not the shots; more than ``C + 1`` of them.
+        ridge: added to the covariance diagonal, relative to its mean variance.
+    """
+
+    def __init__(self, means: torch.Tensor, ridge: float = 1e-6) -> None:
+        super().__init__()
+        mean, precision = fit_gaussian(means.float(), ridge, "reference normal images")
+        self.register_buffer("mean", mean)
+        self.register_buffer("precision", precision)
+
+    @classmethod
+    def from_state(cls, mean: torch.Tensor, precision: torch.Tensor) -> ImageShift:
+        """A fitted reference from its stored mean and precision, used as they are."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.register_buffer("mean", mean)
+        self.register_buffer("precision", precision)
+        return self
+
+    @staticmethod
+    def image_means(grids: torch.Tensor) -> torch.Tensor:
+        """``(B, C, rows, cols)`` -> ``(B, C)``, the mean over the patch grid."""
+        return grids.float().mean(dim=(2, 3))
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        """``(B, C, rows, cols)`` -> ``(B,)`` squared Mahalanobis distance of the image mean / C."""
+        return mahalanobis(self.image_means(grids), self.mean, self.precision)

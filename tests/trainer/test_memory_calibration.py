@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_inspect.trainer.calibration import calibrate_f1, calibrate_false_alarm_rate
-from edge_inspect.trainer.memory import PatchMemory, WindowGaussian
+from edge_inspect.runtime.calibration import gumbel_threshold
+from edge_inspect.trainer.calibration import calibrate_detectors, calibrate_f1, calibrate_false_alarm_rate
+from edge_inspect.trainer.memory import ImageShift, PatchMemory, WindowGaussian
 
 
 @pytest.mark.parametrize("metric", ["cosine", "standardized"])
@@ -72,3 +73,58 @@ def test_f1_calibration_flags_what_f1_max_counts():
     f1 = 2 * tp / (pred.sum() + labels.sum())
     assert f1 == pytest.approx(cal.f1)
     assert cal.n_anomalous == 3 and cal.method == "f1_max"
+
+
+def test_image_shift_scores_a_shift_of_the_image_mean():
+    g = torch.Generator().manual_seed(4)
+    reference = torch.randn(60, 3, 8, 8, generator=g)
+    model = ImageShift(ImageShift.image_means(reference))
+    normal = model(torch.randn(50, 3, 8, 8, generator=g))
+    shifted = model(torch.randn(50, 3, 8, 8, generator=g) + 0.5)  # 4 normal sd of a mean of 64
+    assert 0.5 < float(normal.mean()) < 2.0  # chi-square / C: about 1 for normal images
+    assert shifted.min() > normal.max()
+    with pytest.raises(ValueError, match="4 reference normal images cannot estimate a 3-d"):
+        ImageShift(torch.randn(4, 3))
+
+
+def test_detector_thresholds_split_the_false_alarm_budget():
+    rng = np.random.default_rng(5)
+    calib = np.c_[rng.gamma(2.0, size=20000), rng.normal(5, 1, size=20000)]
+    held_out = np.c_[rng.gamma(2.0, size=40000), rng.normal(5, 1, size=40000)]
+    cal = calibrate_detectors(calib, ("local", "global"), (0.7, 0.3), 0.02)
+    assert cal.threshold == 1.0 and cal.method == "per_detector_false_alarm_rate"
+    t = np.array([cal.detectors[k]["threshold"] for k in ("local", "global")])
+    for j, (name, rate) in enumerate((("local", 0.014), ("global", 0.006))):
+        assert cal.detectors[name]["target_false_alarm_rate"] == pytest.approx(rate)
+        assert abs((held_out[:, j] > t[j]).mean() - rate) < 0.004, name  # 4 sd
+    fused = (held_out / t).max(axis=1) > cal.threshold
+    assert fused.mean() == pytest.approx(((held_out > t).any(axis=1)).mean())  # either detector
+    assert 0.015 < fused.mean() <= 0.02 + 0.005  # at most the sum of the shares (+ 4 sd)
+    with pytest.raises(ValueError, match="give at least 167 held-out normal images"):
+        calibrate_detectors(calib[:100], ("local", "global"), (0.7, 0.3), 0.02)
+    with pytest.raises(ValueError, match="summing to 1"):
+        calibrate_detectors(calib, ("local", "global"), (0.7, 0.7), 0.02)
+
+
+def test_gumbel_tail_holds_the_rate_with_less_spread_than_the_order_statistic():
+    """The image score of a memory is a maximum over patches: Gumbel-like. A threshold at a
+    few per mille from a few hundred normals swings less when the tail is fitted to all of
+    them than when it is their 2nd-largest value."""
+    rng = np.random.default_rng(6)
+    target, n = 0.007, 400
+    truth = -np.log(-np.log1p(-target))  # the standard Gumbel's 1 - target quantile
+    conformal, gumbel = [], []
+    for _ in range(300):
+        x = rng.gumbel(size=n)
+        conformal.append(calibrate_false_alarm_rate(x, target).threshold)
+        gumbel.append(gumbel_threshold(x, target))
+    conformal, gumbel = np.array(conformal), np.array(gumbel)
+    # the realized false-alarm rate of each threshold on the true distribution
+    rate = lambda t: 1 - np.exp(-np.exp(-t))  # noqa: E731
+    assert abs(np.median(rate(gumbel)) - target) < 0.0015
+    assert np.std(gumbel - truth) < 0.6 * np.std(conformal - truth)
+    with pytest.raises(ValueError, match="at least 30 normal"):
+        gumbel_threshold(np.arange(10.0), target)
+    cal = calibrate_detectors(np.c_[rng.gumbel(size=n), rng.gumbel(size=n)], ("a", "b"),
+                              (0.7, 0.3), 0.01, ("gumbel", "conformal"))
+    assert cal.detectors["a"]["tail"] == "gumbel" and cal.detectors["b"]["tail"] == "conformal"

@@ -1,12 +1,14 @@
-"""The few-shot memory head on real textile images: K = 4 nominal shots, no defect seen."""
+"""The few-shot memory head on real textile images: K = 4 nominal shots (and held-out
+normals for the shift reference and the thresholds), no defect seen."""
 
 import numpy as np
+import pytest
 import torch
 
 from edge_inspect.trainer.backbones.texture import TextureBackbone
 from edge_inspect.trainer.data import TextileImages
 from edge_inspect.trainer.data.transforms import to_batch
-from edge_inspect.trainer.heads.memory import TEXTURE_MEMORY, MemoryHead
+from edge_inspect.trainer.heads.memory import TEXTURE_MEMORY, MemoryHead, MemoryHeadConfig
 from edge_inspect.trainer.metrics import auroc
 
 
@@ -18,7 +20,8 @@ def _batch(kind, idx, bb):
 def test_memory_head_separates_both_defect_kinds():
     torch.manual_seed(0)
     bb = TextureBackbone(248).eval()
-    head = MemoryHead.fit(bb, TEXTURE_MEMORY, _batch("nominal", range(4), bb))
+    head = MemoryHead.fit(bb, TEXTURE_MEMORY, _batch("nominal", range(4), bb),
+                          _batch("nominal", range(500, 600), bb))
     with torch.no_grad():
         normal, maps = head(_batch("nominal", range(600, 640), bb))
         local, _ = head(_batch("local", range(40), bb))
@@ -28,3 +31,26 @@ def test_memory_head_separates_both_defect_kinds():
     assert auroc(y, np.r_[normal.numpy(), local.numpy()]) >= 0.97
     assert auroc(y, np.r_[normal.numpy(), glob.numpy()]) >= 0.97
     assert 0.5 < float(normal.median()) < 2.0  # both detectors are scaled so normal ~ 1
+
+
+def test_memory_head_needs_its_reference_normals_and_refuses_an_old_memory(tmp_path):
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.evaluate import evaluate_run
+    from tests.conftest import ROOT
+
+    cfg = RunConfig.from_yaml(ROOT / "configs/memory/textile-texture.yaml",
+                              ["calibration.normals=50"])
+    with pytest.raises(ValueError, match=r"calibration.normals = 50, .* at least 434"):
+        evaluate_run(cfg, None, tmp_path / "eval")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+    bb = TextureBackbone(248).eval()
+    head = MemoryHead.fit(bb, TEXTURE_MEMORY, _batch("nominal", range(4), bb),
+                          _batch("nominal", range(500, 530), bb))
+    old = {k: v for k, v in head.memory_state().items() if k != "detector_threshold"}
+    with pytest.raises(ValueError, match="must be enrolled again"):
+        head.load_memory_state(old)
+    with pytest.raises(ValueError, match="the shift detector needs reference normal images"):
+        MemoryHead.fit(bb, TEXTURE_MEMORY, _batch("nominal", range(4), bb))
+    with pytest.raises(ValueError, match="head.local_share must be in"):
+        MemoryHeadConfig(local_share=1.0)

@@ -73,6 +73,15 @@ class AnomalyHead(nn.Module):
     # True when an image's score depends on the other images of its batch (CMAD's per-batch
     # harmonization): evaluation reproduces the official batching, export refuses.
     scores_depend_on_batch: bool = False
+    # Held-out normal images (beyond the K shots) the memory fits a reference on; evaluation
+    # takes them first from the calibration normals (the memory head's shift detector).
+    reference_normals: int = 0
+    # Named detectors whose threshold-scaled maximum is the image score: calibration gives
+    # each its share of the false-alarm budget (``detector_shares``) and its own threshold.
+    # Empty: one score, one threshold.
+    detectors: tuple[str, ...] = ()
+    detector_shares: tuple[float, ...] = ()
+    detector_tails: tuple[str, ...] = ()  # "conformal" or "gumbel" (runtime.calibration)
 
     def check_exportable(self) -> None:
         """Raise a ValueError naming the setting when this head cannot become a bundle."""
@@ -121,6 +130,17 @@ class AnomalyHead(nn.Module):
     def enroll(self, shots: torch.Tensor) -> None:
         """Build the few-shot memory from K normal images ``(K, 3, H, W)``."""
         raise NotImplementedError(f"{self.method} has no few-shot memory")
+
+    def fit_reference(self, batches) -> None:
+        """Fit what the memory needs from ``reference_normals`` held-out normal images."""
+
+    def detector_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, len(detectors))`` unscaled scores of each of :attr:`detectors`."""
+        raise NotImplementedError(f"{self.method} has one score, no detectors")
+
+    def set_detector_thresholds(self, thresholds: torch.Tensor) -> None:
+        """Per-detector thresholds from calibration (the decision threshold becomes 1)."""
+        raise NotImplementedError(f"{self.method} has one score, no detectors")
 
     def clear_memory(self) -> None:
         """Back to the zero-shot model."""

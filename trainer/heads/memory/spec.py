@@ -1,6 +1,7 @@
 """Registers the training-free few-shot memory (``method: memory``): any backbone, at
-least one shot; enrollment rebuilds the patch memory and the window Gaussian (recipe
-``patch_memory`` with the head's metric, window and stride)."""
+least one shot; enrollment rebuilds the patch memory, the global detector (shift reference
+from held-out normals, or the shots' window Gaussian) and the per-detector thresholds
+(recipe ``patch_memory`` with the head's settings)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ def build(cfg) -> MemoryHead:
 def recipe(head: MemoryHead) -> dict:
     c = head.cfg
     return {"kind": "patch_memory", "metric": c.metric, "use_global": c.use_global,
-            "window": c.window, "stride": c.stride, "grid": list(head.backbone.grid)}
+            "window": c.window, "stride": c.stride, "grid": list(head.backbone.grid),
+            "global_detector": c.global_detector, "reference_images": head.reference_normals,
+            "detectors": list(head.detectors), "detector_shares": list(head.detector_shares),
+            "detector_tails": list(head.detector_tails)}
 
 
 SPEC = register(MethodSpec(
