@@ -106,7 +106,8 @@ class MemoryHead(AnomalyHead):
         self.detector_tails = (cfg.local_tail, "conformal")[:len(self.detectors)]
         self.local: PatchMemory | None = None
         self.glob: WindowGaussian | ImageShift | None = None
-        self.detector_threshold = torch.ones(len(self.detectors))
+        # a buffer, so .to(device) moves a loaded memory's thresholds with the model
+        self.register_buffer("detector_threshold", torch.ones(len(self.detectors)), persistent=False)
         if shot_taps is not None:
             self.enroll_taps(shot_taps)
 
@@ -249,11 +250,15 @@ class MemoryHead(AnomalyHead):
             scores.append(1.0 + torch.log(self.glob(glob).clamp(min=1e-6)))
         return torch.stack(scores, dim=1), patch
 
+    def _fuse(self, detectors: torch.Tensor) -> torch.Tensor:
+        """The image score: each detector over its threshold, the largest of them."""
+        return (detectors / self.detector_threshold).amax(dim=1)
+
     def score_taps(self, taps: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores and patch-grid maps from backbone taps (lets callers cache features)."""
         detectors, patch = self._detectors(*self._features(taps))
         rows, cols = self.backbone.grid
-        return (detectors / self.detector_threshold).amax(dim=1), patch.reshape(-1, rows, cols)
+        return self._fuse(detectors), patch.reshape(-1, rows, cols)
 
     def forward_with_features(self, images: torch.Tensor):
         """Scores, maps (bilinear to the input size), and features: what enrollment fits
@@ -261,7 +266,7 @@ class MemoryHead(AnomalyHead):
         thresholds (``detectors (B, D)``, unscaled)."""
         local, glob = self._features(self.backbone.forward_taps(images, self.taps))
         detectors, patch = self._detectors(local, glob)
-        score = (detectors / self.detector_threshold).amax(dim=1)
+        score = self._fuse(detectors)
         rows, cols = self.backbone.grid
         up = F.interpolate(patch.reshape(-1, 1, rows, cols), size=self.backbone.input_size,
                            mode="bilinear", align_corners=False)
