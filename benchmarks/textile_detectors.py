@@ -83,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(2)
     cfg = RunConfig.from_yaml(ROOT / "configs/memory/textile-texture.yaml", [
         "calibration.normals=0", "eval.limit=null", "data.target=[{name: textile, kind: textile}]",
-        "head.global_detector=window"])  # the detectors as they were before issue 13
+        "head.global_detector=window", "head.border_rings=0"])  # the detectors as they were before issue 13
     head = load_head(cfg, None)
     loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
                          cfg.interpolation)

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cfg = replace(TEXTURE_MEMORY, global_detector="window")
+    cfg = replace(TEXTURE_MEMORY, global_detector="window", border_rings=0)
     backbone = TextureBackbone(INPUT).eval()
     taps = tuple(sorted(set(cfg.local_taps) | set(cfg.global_taps)))
     feats = extract_all(backbone, taps)

@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = {"false_alarm": 0.02, "miss": 0.05, "auroc": 0.99}  # issue 13
 
 
-BEFORE = ["head.global_detector=window", "calibration.normals=100"]
+BEFORE = ["head.global_detector=window", "head.border_rings=0", "calibration.normals=100"]
 
 
 def run_seed(cfg: RunConfig, head, loader: BatchLoader, test, seed: int, before: bool) -> dict:

@@ -60,10 +60,12 @@ class Calibration:
 def calibrate_false_alarm_rate(normal_scores: np.ndarray, target: float = 0.01) -> Calibration:
     """Threshold so that a fraction ``target`` of normal images scores above it.
 
-    The threshold is the ``ceil(n * (1 - target))``-th smallest normal score, so at most
-    ``floor(n * target)`` calibration normals exceed it; on new normals from the same
-    distribution the expected false-alarm rate is then at most about ``target``
-    (conformal argument, exchangeable scores).
+    The threshold is the ``ceil((n + 1) * (1 - target))``-th smallest of the ``n`` normal
+    scores: a new normal image from the same distribution is equally likely to take any of
+    the ``n + 1`` ranks, so it exceeds the threshold with probability at most ``target``
+    (split-conformal quantile, exchangeable scores). The rank ``ceil(n * (1 - target))``
+    used before allowed up to ``target + 1 / (n + 1)``: twice the target for 0.3 % from 400
+    normals. Needs ``n >= (1 - target) / target`` normals.
     """
     scores = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
     n = scores.size
@@ -71,13 +73,26 @@ def calibrate_false_alarm_rate(normal_scores: np.ndarray, target: float = 0.01) 
         raise ValueError(f"target false-alarm rate must be in (0, 1), got {target}")
     if n == 0 or not np.isfinite(scores).all():
         raise ValueError("calibration needs finite scores of at least one normal image")
-    if n * target < 1:
+    k = _conformal_rank(n, target)  # 1-based rank of the threshold
+    if k > n:
         raise ValueError(f"{n} normal images cannot calibrate a false-alarm rate of {target}: "
-                         f"give at least {math.ceil(1 / target)} held-out normal images")
-    k = math.ceil(n * (1 - target))  # 1-based rank of the threshold
+                         f"give at least {conformal_normals(target)} held-out normal images")
     threshold = float(scores[k - 1])
     return Calibration(threshold, "normal_false_alarm_rate", target,
                        float((scores > threshold).mean()), n)
+
+
+def _conformal_rank(n: int, target: float) -> int:
+    # the small slack keeps float error in (n + 1) * (1 - target) from adding a rank
+    return math.ceil((n + 1) * (1 - target) - 1e-9)
+
+
+def conformal_normals(target: float) -> int:
+    """The fewest normals whose conformal threshold at ``target`` exists (rank <= n)."""
+    n = max(1, math.floor((1 - target) / target) - 1)
+    while _conformal_rank(n, target) > n:
+        n += 1
+    return n
 
 
 def gumbel_threshold(normal_scores: np.ndarray, target: float) -> float:
@@ -94,9 +109,10 @@ def gumbel_threshold(normal_scores: np.ndarray, target: float) -> float:
 
 def normals_needed(target: float, shares=(1.0,), tails=None) -> int:
     """Calibration normals that per-detector thresholds at ``target`` split by ``shares``
-    need: ``1 / rate`` for a conformal one, :data:`GUMBEL_MIN_NORMALS` for a Gumbel one."""
+    need: :func:`conformal_normals` of its rate for a conformal one (about ``1 / rate``),
+    :data:`GUMBEL_MIN_NORMALS` for a Gumbel one."""
     tails = tails or ["conformal"] * len(shares)
-    return max(math.ceil(1 / (target * s)) if t == "conformal" else GUMBEL_MIN_NORMALS
+    return max(conformal_normals(target * s) if t == "conformal" else GUMBEL_MIN_NORMALS
                for s, t in zip(shares, tails, strict=True))
 
 

@@ -2,7 +2,7 @@
 
 K normal images go through the bundle's own engine; the memory is rebuilt from its feature
 outputs (:mod:`runtime.enrollment`), with the reference the recipe asks for (the memory
-head's shift detector: ``reference_images`` further normals), and the threshold
+head's shift detector and border scales: ``reference_images`` further normals), and the threshold
 recalibrated for the target false-alarm rate on held-out normal images scored with the new
 memory (per detector when the recipe names detectors: their thresholds go into the memory,
 the decision threshold is 1). The result is a new
@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most held-out normal images used to calibrate (the rest unused)")
     parser.add_argument("--reference-images", type=int, default=None,
                         help="held-out normal images for the memory's reference (default: the "
-                             "bundle's recipe, e.g. 100 for the memory head's shift detector)")
+                             "bundle's recipe, e.g. 100 for the memory head's shift detector and "
+                             "border scales)")
     parser.add_argument("--seed", type=int, default=0, help="which images become shots")
     parser.add_argument("--out", type=Path, default=None,
                         help="new bundle folder (default: <bundle>.enrolled-<UTC time>)")

@@ -12,8 +12,10 @@ so enrollment needs neither the trainer nor its config):
   the rest; mean of maxima), and the global detector: ``global_detector: shift`` -- mean
   and inverse covariance of the image-mean features of ``reference_images`` held-out
   normal images; ``window`` (and recipes without the key) -- of the shots' window-mean
-  features, with the recipe's window and stride. Recipes that name ``detectors`` also
-  carry per-detector thresholds (``detector_threshold``, 1 until calibrated:
+  features, with the recipe's window and stride. Recipes with ``border_rings`` also carry
+  ``local.position_scale``: each outer ring's ``border_quantile`` quantile of the
+  reference normals' patch scores over the interior's (ones for 0 rings). Recipes that
+  name ``detectors`` also carry per-detector thresholds (``detector_threshold``, 1 until calibrated:
   ``edge-inspect enroll`` sets them from its calibration images).
 
 Tests compare every array with the torch enrollment of the same shots.
@@ -90,6 +92,33 @@ def window_gaussian(grids: np.ndarray, window: int, stride: int,
     return _gaussian(w, ridge, "windows")
 
 
+def patch_scores(local: np.ndarray, memory: dict[str, np.ndarray], metric: str) -> np.ndarray:
+    """``local (n, N, C)`` -> ``(n, N)`` patch scores of the memory (nearest distance over
+    the fold reference, before border scaling), as the trainer's local detector."""
+    bank = memory["local.bank"].astype(np.float64)
+    out = []
+    for image in local.astype(np.float64):
+        q = _normalize(image) if metric == "cosine" else (image - memory["local.mean"]) / memory["local.std"]
+        out.append(_nearest(q, bank, metric))
+    return np.stack(out) / float(memory["local_reference"])
+
+
+def border_rings(grid: tuple[int, int]) -> np.ndarray:
+    """``(rows * cols,)`` each patch's distance in patches to the grid's edge."""
+    r, c = np.arange(grid[0])[:, None], np.arange(grid[1])[None, :]
+    return np.minimum(np.minimum(r, grid[0] - 1 - r), np.minimum(c, grid[1] - 1 - c)).ravel()
+
+
+def border_scale(patch: np.ndarray, grid: tuple[int, int], rings: int, quantile: float) -> np.ndarray:
+    """``(n, N)`` reference patch scores -> ``(N,)`` divisors, 1 inside the outer ``rings``."""
+    ring = border_rings(grid)
+    inner = np.quantile(patch[:, ring >= rings], quantile)
+    scale = np.ones(ring.size)
+    for k in range(rings):
+        scale[ring == k] = np.quantile(patch[:, ring == k], quantile) / inner
+    return scale.astype(np.float32)
+
+
 def image_shift(grids: np.ndarray, ridge: float = 1e-6) -> dict[str, np.ndarray]:
     """``grids (n, C, rows, cols)`` of held-out normals -> mean and precision of image means."""
     return _gaussian(grids.astype(np.float64).mean(axis=(2, 3)), ridge, "reference normal images")
@@ -103,14 +132,23 @@ def bank_recipe(params: dict, features: dict[str, np.ndarray],
 
 def patch_memory_recipe(params: dict, features: dict[str, np.ndarray],
                         reference: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """``patch_memory``: the memory head's patch bank, its global detector (with
-    ``use_global``) and, when the recipe names detectors, thresholds of 1."""
+    """``patch_memory``: the memory head's patch bank, its border scales (with
+    ``border_rings``), its global detector (with ``use_global``) and, when the recipe names
+    detectors, thresholds of 1."""
     rows_cols = features["global"].shape[-2:] if "global" in features else params.get("grid")
     grid = _grid(rows_cols, features["local"].shape[1])
     memory = patch_memory(features["local"], params["metric"], grid)
-    if params["use_global"] and params.get("global_detector", "window") == "shift":
-        if reference is None or "global" not in reference:
-            raise ValueError("the shift detector needs the features of reference normal images")
+    rings = int(params.get("border_rings", 0))
+    shift = params["use_global"] and params.get("global_detector", "window") == "shift"
+    if (shift or rings) and (reference is None or "local" not in reference):
+        raise ValueError("the memory's shift detector and border scales need the features of "
+                         "reference normal images")
+    if "border_rings" in params:
+        memory["local.position_scale"] = (
+            border_scale(patch_scores(reference["local"], memory, params["metric"]), grid, rings,
+                         float(params["border_quantile"]))
+            if rings else np.ones(features["local"].shape[1], np.float32))
+    if shift:
         memory |= image_shift(reference["global"])
     elif params["use_global"]:
         memory |= window_gaussian(features["global"], params["window"], params["stride"])

@@ -5,7 +5,7 @@ For every class of every target dataset:
 1. normal images for the few-shot memory and for calibration come from the class's train
    split (or, for layouts without one, from the test split's normals, which then leave the
    evaluation); a seeded draw picks ``shots`` for the memory and ``calibration.normals``
-   held-out normals, of which a head with a reference (the memory head's shift detector)
+   held-out normals, of which a head with a reference (the memory head's shift detector and border scales)
    takes the first ``head.reference_normals``;
 2. the head scores the test images (image score and map at the input resolution);
 3. metrics of the foundation issue (image AUROC / AP / F1-max, pixel AUROC / AP, AUPRO);
@@ -151,8 +151,8 @@ def enroll_and_calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader,
     reference, calib = calib[:head.reference_normals], calib[head.reference_normals:]
     if head.reference_normals:
         if len(reference) < head.reference_normals:
-            raise ValueError(f"{desc}: {len(reference)} held-out normal images, the shift "
-                             f"detector's reference needs {head.reference_normals} "
+            raise ValueError(f"{desc}: {len(reference)} held-out normal images, the head's "
+                             f"reference needs {head.reference_normals} "
                              "(head.shift_reference)")
         head.fit_reference(_image_batches(head, loader, reference, cfg.eval["batch_size"],
                                           f"{desc} reference"))
@@ -163,16 +163,17 @@ def enroll_and_calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader,
 
 def check_reference_normals(cfg: RunConfig, head: AnomalyHead) -> None:
     """Refuse, before anything is written, a config whose held-out normals cannot cover
-    the head's reference (the memory head's shift detector)."""
+    the head's reference (the memory head's shift detector and border scales)."""
     r = head.reference_normals
     n = int(cfg.calibration["normals"])
     if r and cfg.shots and n < r:
         target = float(cfg.calibration["false_alarm_rate"])
         need = normals_needed(target, head.detector_shares, head.detector_tails)
-        raise ValueError(f"calibration.normals = {n}, but the {cfg.method} head's shift detector "
-                         f"fits its reference on the first head.shift_reference = {r} of them: set "
-                         f"calibration.normals to at least {r + need} ({need} more calibrate a "
-                         f"{target:g} false-alarm rate), or head.global_detector: window")
+        raise ValueError(f"calibration.normals = {n}, but the {cfg.method} head fits its reference "
+                         f"(shift detector, border scales) on the first head.shift_reference = {r} "
+                         f"of them: set calibration.normals to at least {r + need} ({need} more "
+                         f"calibrate a {target:g} false-alarm rate), or head.global_detector: "
+                         "window with head.border_rings: 0")
 
 
 @torch.no_grad()

@@ -60,8 +60,21 @@ def test_calibration_gives_requested_false_alarm_rate_on_held_out_normals(target
     tol = 4 * np.sqrt(target * (1 - target) / len(held_out)) + 4 * np.sqrt(target / len(calib))
     assert abs(far - target) <= tol, (far, target)
     assert cal.false_alarm_rate_on_calibration <= target
-    with pytest.raises(ValueError, match="at least 100 held-out normal"):
+    with pytest.raises(ValueError, match="at least 99 held-out normal"):
         calibrate_false_alarm_rate(calib[:50], 0.01)
+    calibrate_false_alarm_rate(calib[:99], 0.01)  # rank 99 of 99: the largest
+
+
+@pytest.mark.parametrize(("n", "target"), [(400, 0.003), (100, 0.01), (40, 0.05)])
+def test_conformal_threshold_keeps_the_expected_false_alarm_rate_at_or_below_target(n, target):
+    # Uniform scores: the threshold t's true false-alarm rate is 1 - t. Averaged over many
+    # calibration draws it must not exceed the target (the old rank ceil(n (1 - target))
+    # gave 2 / 401 = 0.5 % for 0.3 % from 400 normals).
+    rng = np.random.default_rng(7)
+    rates = [1 - calibrate_false_alarm_rate(rng.random(n), target).threshold for _ in range(4000)]
+    mean = float(np.mean(rates))
+    assert mean <= target + 3 * np.std(rates) / np.sqrt(len(rates)), (mean, target)
+    assert mean >= 0.5 * target  # and not needlessly conservative
 
 
 def test_f1_calibration_flags_what_f1_max_counts():
@@ -100,7 +113,7 @@ def test_detector_thresholds_split_the_false_alarm_budget():
     fused = (held_out / t).max(axis=1) > cal.threshold
     assert fused.mean() == pytest.approx(((held_out > t).any(axis=1)).mean())  # either detector
     assert 0.015 < fused.mean() <= 0.02 + 0.005  # at most the sum of the shares (+ 4 sd)
-    with pytest.raises(ValueError, match="give at least 167 held-out normal images"):
+    with pytest.raises(ValueError, match="give at least 166 held-out normal images"):
         calibrate_detectors(calib[:100], ("local", "global"), (0.7, 0.3), 0.02)
     with pytest.raises(ValueError, match="summing to 1"):
         calibrate_detectors(calib, ("local", "global"), (0.7, 0.7), 0.02)
@@ -128,3 +141,24 @@ def test_gumbel_tail_holds_the_rate_with_less_spread_than_the_order_statistic():
     cal = calibrate_detectors(np.c_[rng.gumbel(size=n), rng.gumbel(size=n)], ("a", "b"),
                               (0.7, 0.3), 0.01, ("gumbel", "conformal"))
     assert cal.detectors["a"]["tail"] == "gumbel" and cal.detectors["b"]["tail"] == "conformal"
+
+
+def test_border_scale_evens_out_a_hotter_outer_ring_in_torch_and_numpy():
+    from edge_inspect.runtime.enrollment import border_scale as border_scale_np
+    from edge_inspect.trainer.heads.memory.model import border_rings, border_scale
+
+    grid = (9, 7)
+    ring = border_rings(grid)
+    assert ring.reshape(grid)[4].tolist() == [0, 1, 2, 3, 2, 1, 0]
+    rng = np.random.default_rng(5)
+    patch = rng.gamma(4.0, size=(300, 63))
+    patch[:, ring.numpy() == 0] *= 1.3  # the edge patches of normal images run hotter
+    scale = border_scale(torch.tensor(patch), grid, 1, 0.999)
+    assert scale[ring == 0].unique().numel() == 1 and bool((scale[ring > 0] == 1).all())
+    assert 1.15 < float(scale[ring == 0][0]) < 1.45
+    evened = patch / scale.numpy()
+    edge, inner = evened[:, ring.numpy() == 0], evened[:, ring.numpy() > 0]
+    assert abs(np.quantile(edge, 0.999) / np.quantile(inner, 0.999) - 1) < 1e-6
+    np.testing.assert_allclose(border_scale_np(patch, grid, 1, 0.999), scale.numpy(), rtol=1e-6)
+    two = border_scale(torch.tensor(patch), grid, 2, 0.999)
+    assert bool((two[ring >= 2] == 1).all()) and float(two[ring == 1][0]) != 1.0

@@ -1,6 +1,8 @@
 """The few-shot memory head on real textile images: K = 4 nominal shots (and held-out
 normals for the shift reference and the thresholds), no defect seen."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,7 @@ def test_memory_head_needs_its_reference_normals_and_refuses_an_old_memory(tmp_p
 
     cfg = RunConfig.from_yaml(ROOT / "configs/memory/textile-texture.yaml",
                               ["calibration.normals=50"])
-    with pytest.raises(ValueError, match=r"calibration.normals = 50, .* at least 434"):
+    with pytest.raises(ValueError, match=r"calibration.normals = 50, .* at least 130 \(30 more"):
         evaluate_run(cfg, None, tmp_path / "eval")
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
@@ -50,7 +52,19 @@ def test_memory_head_needs_its_reference_normals_and_refuses_an_old_memory(tmp_p
     old = {k: v for k, v in head.memory_state().items() if k != "detector_threshold"}
     with pytest.raises(ValueError, match="must be enrolled again"):
         head.load_memory_state(old)
-    with pytest.raises(ValueError, match="the shift detector needs reference normal images"):
+    before_border = {k: v for k, v in head.memory_state().items() if k != "local.position_scale"}
+    with pytest.raises(ValueError, match="must be enrolled again"):
+        head.load_memory_state(before_border)
+    with pytest.raises(ValueError, match="needs reference normal images for its shift detector"):
         MemoryHead.fit(bb, TEXTURE_MEMORY, _batch("nominal", range(4), bb))
+    # the border scales need the reference too, even beside the window detector
+    window = MemoryHead(bb, replace(TEXTURE_MEMORY, global_detector="window", shift_reference=30))
+    window.enroll(_batch("nominal", range(4), bb))
+    with pytest.raises(RuntimeError, match="no reference yet: fit_reference with 30"):
+        window(_batch("nominal", [600], bb))
+    with pytest.raises(ValueError, match="border_rings = 16 leaves no interior"):
+        MemoryHead(bb, replace(TEXTURE_MEMORY, border_rings=16))
+    with pytest.raises(ValueError, match="head.global_tail 'normal' unknown"):
+        MemoryHeadConfig(global_tail="normal")
     with pytest.raises(ValueError, match="head.local_share must be in"):
         MemoryHeadConfig(local_share=1.0)

@@ -5,7 +5,8 @@ Two detectors, each scaled by its own threshold and fused by their maximum:
 * local -- a :class:`~trainer.memory.PatchMemory` over the patch tokens of ``local_taps``;
   a patch's score is its nearest-neighbour distance, divided by the memory's fold
   reference (the typical image maximum of a normal image, estimated from the shots), so a
-  normal image's maximum is about 1; the detector score is that maximum;
+  normal image's maximum is about 1, and by its border-ring scale (below); the detector
+  score is that maximum;
 * global -- texture statistics of ``global_taps``, about 1 for normal images and growing
   with a shift, entering as ``1 + log(statistic)``:
 
@@ -16,16 +17,28 @@ Two detectors, each scaled by its own threshold and fused by their maximum:
     sliding-window means fitted on the K shots alone (no other image needed, but it missed
     up to half of the textile global defects at 1 % false alarms).
 
+Border rings: patches on the outermost ``border_rings`` rings of the grid see the image
+edge (padding, cut textures), so their normal distances run higher: on the textile images
+a third of the normal images have their largest patch score on the outermost ring (against
+8 of 500 local defects), and that ring's 99.9 % quantile is about 1.15x the interior's.
+Each border ring's scores are divided by its ``border_quantile`` quantile over the
+reference normals' patches, relative to the interior's (interior scale 1), so an edge
+patch must be as unusual as an interior one to raise the score. Stored as
+``local.position_scale`` (one divisor per patch).
+
 Image score = ``max_d(detector_d / threshold_d)``; the per-detector thresholds come from
 calibration normals, each given a share of the false-alarm budget (``local_share`` to the
 local detector), so the fused decision is ``score > 1`` and its false-alarm rate is at most
-the sum of the shares. The local threshold is by default the quantile of a Gumbel fitted
-to the calibration scores (``local_tail: gumbel``; the image maximum of many patch
-distances is extreme-value distributed), the global one the conformal order statistic.
-Until calibrated the thresholds are 1 (each detector is about 1 on normal images). Why
-per-detector thresholds: with one threshold on the fused score the detector with the
-heavier normal tail sets it and the other detector's misses swing with the draw
-(``benchmarks/textile_operating_point.py``).
+the sum of the shares. Both thresholds are by default the quantile of a Gumbel fitted to
+the calibration scores (``local_tail`` / ``global_tail: gumbel``): the image maximum of
+many patch distances is extreme-value distributed, and the global score (a log of a
+chi-square-like distance) has a lighter tail than a Gumbel, so its Gumbel threshold is
+conservative. The conformal order statistic (``conformal``) needs no model, but at the
+global detector's 0.35 % from 400 normals it is the largest calibration score, whose
+false-alarm rate swings from draw to draw (Beta(1, 400)). Until calibrated the thresholds
+are 1 (each detector is about 1 on normal images). Why per-detector thresholds: with one
+threshold on the fused score the detector with the heavier normal tail sets it and the
+other detector's misses swing with the draw (``benchmarks/textile_operating_point.py``).
 
 The map is the local patch scores on the grid, upsampled bilinearly to the input size.
 ``global_ignore`` drops named channels from the global detector: for the texture backbone,
@@ -58,8 +71,11 @@ class MemoryHeadConfig:
     global_ignore: tuple[str, ...] = ()
     global_detector: str = "shift"
     shift_reference: int = 100
-    local_share: float = 0.7
+    border_rings: int = 1
+    border_quantile: float = 0.999
+    local_share: float = 0.65
     local_tail: str = "gumbel"
+    global_tail: str = "gumbel"
 
     GLOBAL_DETECTORS = ("shift", "window")
 
@@ -67,8 +83,12 @@ class MemoryHeadConfig:
         if self.global_detector not in self.GLOBAL_DETECTORS:
             raise ValueError(f"head.global_detector {self.global_detector!r} unknown; choose one "
                              f"of {self.GLOBAL_DETECTORS}")
-        if self.local_tail not in TAILS:
-            raise ValueError(f"head.local_tail {self.local_tail!r} unknown; choose one of {TAILS}")
+        for key in ("local_tail", "global_tail"):
+            if getattr(self, key) not in TAILS:
+                raise ValueError(f"head.{key} {getattr(self, key)!r} unknown; choose one of {TAILS}")
+        if self.border_rings < 0 or not 0 < self.border_quantile < 1:
+            raise ValueError(f"head.border_rings must be >= 0 and head.border_quantile in (0, 1), "
+                             f"got {self.border_rings} and {self.border_quantile}")
         if self.use_global and not 0 < self.local_share < 1:
             raise ValueError(f"head.local_share must be in (0, 1), got {self.local_share}")
 
@@ -79,7 +99,7 @@ TEXTURE_MEMORY = MemoryHeadConfig(global_ignore=("mean",))
 
 class MemoryHead(AnomalyHead):
     """Backbone + few-shot memory (method ``memory``); nothing to train, enroll K shots
-    (and, for the shift detector, fit its reference on held-out normals).
+    (and fit its reference -- shift detector, border-ring scales -- on held-out normals).
 
     ``forward`` gives ``(image_score (B,), map (B, H, W))``; :meth:`score_taps` the same from
     cached backbone taps with the map on the patch grid.
@@ -96,26 +116,36 @@ class MemoryHead(AnomalyHead):
         self.taps = tuple(sorted(used))
         backbone.check_layers(self.taps)
         self.register_buffer("global_channels", self._global_channels(), persistent=False)
-        if self.reference_normals and cfg.shift_reference <= self.global_channels.numel() + 1:
+        if self._uses_shift and cfg.shift_reference <= self.global_channels.numel() + 1:
             raise ValueError(f"head.shift_reference = {cfg.shift_reference} normal images cannot "
                              f"estimate the {self.global_channels.numel()}-d covariance of the "
                              f"shift detector; set it above {self.global_channels.numel() + 1}")
         self.detectors = ("local", "global") if cfg.use_global else ("local",)
         self.detector_shares = ((cfg.local_share, 1.0 - cfg.local_share) if cfg.use_global
                                 else (1.0,))
-        self.detector_tails = (cfg.local_tail, "conformal")[:len(self.detectors)]
+        self.detector_tails = (cfg.local_tail, cfg.global_tail)[:len(self.detectors)]
+        rows, cols = backbone.grid
+        if 2 * cfg.border_rings >= min(rows, cols):
+            raise ValueError(f"head.border_rings = {cfg.border_rings} leaves no interior in the "
+                             f"{rows}x{cols} patch grid; set it below {(min(rows, cols) + 1) // 2}")
         self.local: PatchMemory | None = None
+        self.reference_fitted = False
         self.glob: WindowGaussian | ImageShift | None = None
         # a buffer, so .to(device) moves a loaded memory's thresholds with the model
         self.register_buffer("detector_threshold", torch.ones(len(self.detectors)), persistent=False)
+        self.register_buffer("position_scale", torch.ones(rows * cols), persistent=False)
         if shot_taps is not None:
             self.enroll_taps(shot_taps)
 
     @property
+    def _uses_shift(self) -> bool:
+        return self.cfg.use_global and self.cfg.global_detector == "shift"
+
+    @property
     def reference_normals(self) -> int:
-        """Held-out normal images the shift detector's reference needs (0: none)."""
-        shift = self.cfg.use_global and self.cfg.global_detector == "shift"
-        return self.cfg.shift_reference if shift else 0
+        """Held-out normal images the reference (shift detector, border-ring scales) needs
+        (0: none)."""
+        return self.cfg.shift_reference if self._uses_shift or self.cfg.border_rings else 0
 
     @classmethod
     def fit(cls, backbone: Backbone, cfg: MemoryHeadConfig, shots: torch.Tensor,
@@ -126,8 +156,9 @@ class MemoryHead(AnomalyHead):
         head.enroll(shots)
         if head.reference_normals:
             if reference is None:
-                raise ValueError("the shift detector needs reference normal images "
-                                 "(or head.global_detector: window)")
+                raise ValueError("the memory head needs reference normal images for its shift "
+                                 "detector and border-ring scales (or head.global_detector: "
+                                 "window with head.border_rings: 0)")
             head.fit_reference([reference])
         return head
 
@@ -137,7 +168,8 @@ class MemoryHead(AnomalyHead):
 
     def enroll_taps(self, shot_taps: dict[int, torch.Tensor]) -> None:
         """Build the patch memory (and the window Gaussian) from the shots' backbone taps;
-        the shift reference stays unset until :meth:`fit_reference`, thresholds reset to 1."""
+        the shift reference stays unset until :meth:`fit_reference`, border scales and
+        thresholds reset to 1."""
         missing = set(self.taps) - set(shot_taps)
         if missing:
             raise ValueError(f"shot features lack taps {sorted(missing)}")
@@ -149,17 +181,29 @@ class MemoryHead(AnomalyHead):
             if self.cfg.use_global and self.cfg.global_detector == "window":
                 self.glob = WindowGaussian(glob, self.cfg.window, self.cfg.stride)
             self.detector_threshold = torch.ones(len(self.detectors), device=local.device)
+            self.position_scale = torch.ones(local.shape[1], device=local.device)
+            self.reference_fitted = False
 
     @torch.no_grad()
     def fit_reference(self, batches) -> None:
-        """Fit the shift detector on held-out normal images (an iterable of image batches)."""
+        """Fit the shift detector and the border-ring scales on held-out normal images (an
+        iterable of image batches); call after :meth:`enroll`."""
         if not self.reference_normals:
             return
-        means = []
+        if self.local is None:
+            raise RuntimeError("enroll the shots before fitting the reference")
+        means, patches = [], []
         for images in batches:
-            taps = self.backbone.forward_taps(images, self.taps)
-            means.append(ImageShift.image_means(self._features(taps)[1]))
-        self.glob = ImageShift(torch.cat(means))
+            local, glob = self._features(self.backbone.forward_taps(images, self.taps))
+            patches.append(self.local(local) / self.local_reference)
+            if self._uses_shift:
+                means.append(ImageShift.image_means(glob))
+        if self._uses_shift:
+            self.glob = ImageShift(torch.cat(means))
+        if self.cfg.border_rings:
+            self.position_scale = border_scale(torch.cat(patches), self.backbone.grid,
+                                               self.cfg.border_rings, self.cfg.border_quantile)
+        self.reference_fitted = True
 
     @torch.no_grad()
     def detector_scores(self, images: torch.Tensor) -> torch.Tensor:
@@ -183,6 +227,7 @@ class MemoryHead(AnomalyHead):
             return {}
         state = {f"local.{k}": v for k, v in self.local.state_dict().items()}
         state["local_reference"] = self.local_reference
+        state["local.position_scale"] = self.position_scale
         if self.glob is not None:
             state |= {f"global.{k}": v for k, v in self.glob.state_dict().items()}
         state["detector_threshold"] = self.detector_threshold
@@ -193,7 +238,8 @@ class MemoryHead(AnomalyHead):
         if not state:
             self.clear_memory()
             return
-        want = {"local.bank", "local.mean", "local.std", "local_reference", "detector_threshold"}
+        want = {"local.bank", "local.mean", "local.std", "local_reference", "detector_threshold",
+                "local.position_scale"}
         if self.cfg.use_global:
             want |= {"global.mean", "global.precision"}
         if set(state) != want:
@@ -203,6 +249,8 @@ class MemoryHead(AnomalyHead):
         self.local = PatchMemory.from_state(state["local.bank"], state["local.mean"],
                                             state["local.std"], self.cfg.metric)
         self.local_reference = state["local_reference"]
+        self.position_scale = state["local.position_scale"]
+        self.reference_fitted = True
         self.detector_threshold = state["detector_threshold"]
         if self.cfg.use_global and self.cfg.global_detector == "window":
             self.glob = WindowGaussian.from_state(state["global.mean"], state["global.precision"],
@@ -241,10 +289,10 @@ class MemoryHead(AnomalyHead):
         """Unscaled detector scores ``(B, D)`` and local patch scores ``(B, N)``."""
         if self.local is None:
             raise RuntimeError("the memory head has no memory yet: enroll K normal images first")
-        if self.cfg.use_global and self.glob is None:
-            raise RuntimeError(f"the shift detector has no reference yet: fit_reference with "
+        if self.reference_normals and not self.reference_fitted:
+            raise RuntimeError("the memory head has no reference yet: fit_reference with "
                                f"{self.cfg.shift_reference} held-out normal images")
-        patch = self.local(local) / self.local_reference
+        patch = self.local(local) / self.local_reference / self.position_scale
         scores = [patch.amax(dim=1)]
         if self.glob is not None:
             scores.append(1.0 + torch.log(self.glob(glob).clamp(min=1e-6)))
@@ -274,3 +322,24 @@ class MemoryHead(AnomalyHead):
         if glob is not None:
             features["global"] = glob
         return score, up.squeeze(1), features
+
+
+def border_rings(grid: tuple[int, int]) -> torch.Tensor:
+    """``(rows * cols,)`` each patch's ring: its distance in patches to the grid's edge."""
+    rows, cols = grid
+    r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
+    return torch.minimum(torch.minimum(r, rows - 1 - r), torch.minimum(c, cols - 1 - c)).flatten()
+
+
+def border_scale(patch: torch.Tensor, grid: tuple[int, int], rings: int,
+                 quantile: float) -> torch.Tensor:
+    """``(n, N)`` patch scores of normal images -> ``(N,)`` divisors: for each of the
+    outermost ``rings`` rings, its ``quantile`` over the images' patches relative to the
+    interior's (float64, linear interpolation, as numpy's default); 1 inside."""
+    ring = border_rings(grid).to(patch.device)
+    x = patch.double()
+    inner = torch.quantile(x[:, ring >= rings].flatten(), quantile)
+    scale = torch.ones(ring.numel(), dtype=torch.float64, device=patch.device)
+    for k in range(rings):
+        scale[ring == k] = torch.quantile(x[:, ring == k].flatten(), quantile) / inner
+    return scale.float()
