@@ -14,7 +14,10 @@ export and the runtime compute the same normals because they run this module:
   equal). A point is **invalid** when it or one of its 4 neighbours is missing (zero or
   NaN / inf), on the plane's outer ring, or when the cross product vanishes; invalid
   normals are 0 and their pixels black (0) in the image the encoder sees, as in the
-  rendering.
+  rendering. ``fill_invalid`` (0 = off) instead fills each invalid normal from its valid
+  3x3 neighbours, repeated that many times (the mean of the valid neighbours' normals,
+  renormalized; a pixel with none stays black): isolated sensor dropouts otherwise print a
+  black cross of 5 pixels each, which a model must learn as normal.
 * Background removal (optional, ``background_plane``): the MVTec 3D-AD literature (BTF,
   M3DM) fits a plane to the scene's border points and drops points within a distance of
   it; here the plane is fitted by least squares (``z = a x + b y + c``) to the valid points
@@ -67,6 +70,23 @@ def normals_from_xyz(xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return n, ok
 
 
+def fill_invalid_normals(normals: torch.Tensor, valid: torch.Tensor,
+                         iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill invalid normals from valid 3x3 neighbours, ``iterations`` times (each pass can
+    grow the filled region by one pixel); returns the normals and the new validity."""
+    ones = torch.ones(1, 1, 3, 3, dtype=normals.dtype, device=normals.device)
+    for _ in range(iterations):
+        w = valid[:, None].to(normals.dtype)
+        total = nn.functional.conv2d((normals * w).reshape(-1, 1, *normals.shape[-2:]), ones,
+                                     padding=1).reshape(normals.shape)
+        count = nn.functional.conv2d(w, ones, padding=1)
+        grown = (count[:, 0] > 0) & ~valid
+        mean = total / total.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        normals = torch.where(grown[:, None], mean, normals)
+        valid = valid | (grown & (total.norm(dim=1) > 0))
+    return normals, valid
+
+
 def remove_background_plane(xyz: torch.Tensor, border: int, distance: float) -> torch.Tensor:
     """Mark as missing (0) the points within ``distance`` of the least-squares plane
     ``z = a x + b y + c`` through the valid points of the outer ``border`` pixels."""
@@ -95,11 +115,12 @@ class SurfaceNormals(nn.Module):
         intrinsics: ``(fx, fy, cx, cy)`` in pixels of the plane as it reaches the model;
             required for ``depth``.
         background_plane: drop points near the border plane first (see module docstring).
+        fill_invalid: passes of filling invalid normals from valid neighbours (0: off).
     """
 
     def __init__(self, modality: str = "xyz", intrinsics: tuple[float, float, float, float] | None = None,
                  background_plane: bool = False, border: int = 10,
-                 background_distance: float = 0.005) -> None:
+                 background_distance: float = 0.005, fill_invalid: int = 0) -> None:
         super().__init__()
         if modality not in MODALITIES_3D:
             raise ValueError(f"3D plane modality {modality!r} unknown; choose one of {MODALITIES_3D}")
@@ -111,6 +132,7 @@ class SurfaceNormals(nn.Module):
         self.intrinsics = tuple(float(v) for v in intrinsics) if intrinsics else None
         self.background_plane, self.border = background_plane, int(border)
         self.background_distance = float(background_distance)
+        self.fill_invalid = int(fill_invalid)
 
     def points(self, plane: torch.Tensor) -> torch.Tensor:
         xyz = xyz_from_depth(plane, *self.intrinsics) if self.modality == "depth" else plane
@@ -120,4 +142,6 @@ class SurfaceNormals(nn.Module):
 
     def forward(self, plane: torch.Tensor) -> torch.Tensor:
         normals, ok = normals_from_xyz(self.points(plane.float()))
+        if self.fill_invalid:
+            normals, ok = fill_invalid_normals(normals, ok, self.fill_invalid)
         return torch.where(ok[:, None], (normals + 1.0) / 2.0, torch.zeros_like(normals))

@@ -11,15 +11,16 @@ from edge_inspect.trainer.geometry import SurfaceNormals, normals_from_xyz, xyz_
 FX, FY, CX, CY = 80.0, 90.0, 31.5, 23.5
 
 
-def _scene(h=48, w=64):
+def _scene(h=48, w=64, holes=True):
     """A tilted floor at about 0.5 m with a spherical bump; some points missing."""
     v, u = np.mgrid[0:h, 0:w].astype(np.float64)
     z = 0.5 / (1 - 0.1 * (u - CX) / FX + 0.05 * (v - CY) / FY)  # the plane z = 0.5 + 0.1 x - 0.05 y
     bump = np.clip(1 - ((u - 40) ** 2 + (v - 20) ** 2) / 100.0, 0, None)
     z = z - 0.02 * np.sqrt(bump)
     xyz = np.stack([(u - CX) * z / FX, (v - CY) * z / FY, z], axis=-1)
-    xyz[5:8, 10:14] = 0.0  # a hole, as MVTec 3D-AD stores it
-    xyz[30, 50] = np.nan   # and a NaN point
+    if holes:
+        xyz[5:8, 10:14] = 0.0  # a hole, as MVTec 3D-AD stores it
+        xyz[30, 50] = np.nan   # and a NaN point
     return xyz, z
 
 
@@ -71,3 +72,23 @@ def test_background_plane_removal_keeps_the_object_only():
     bump = (u - 40) ** 2 + (v - 20) ** 2 < 60  # deeper than 2 mm off the floor
     floor = (u - 40) ** 2 + (v - 20) ** 2 > 110
     assert kept[bump].all() and not kept[floor].any()
+
+
+def test_filling_invalid_normals_repairs_sensor_dropouts():
+    clean, _ = _scene(holes=False)
+    dropped = clean.copy()
+    rng = np.random.default_rng(0)
+    dropped[rng.random(dropped.shape[:2]) < 0.01] = 0.0  # isolated dropouts
+    ref = SurfaceNormals("xyz")(torch.tensor(clean).permute(2, 0, 1)[None])
+    raw = SurfaceNormals("xyz")(torch.tensor(dropped).permute(2, 0, 1)[None])
+    filled = SurfaceNormals("xyz", fill_invalid=2)(torch.tensor(dropped).permute(2, 0, 1)[None])
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    assert (raw[inner] == 0).all(dim=1).float().mean() > 0.03  # black crosses
+    assert not (filled[inner] == 0).all(dim=1).any()  # every inner pixel filled
+    v, u = np.mgrid[0:48, 0:64]
+    smooth = np.abs(np.hypot(u - 40, v - 20) - 10) > 2  # away from the bump's sharp rim
+    diff = (filled - ref).abs().amax(dim=1)[0].numpy()
+    assert diff[2:-2, 2:-2][smooth[2:-2, 2:-2]].max() < 0.05  # filled by its neighbours' normals
+    assert diff[2:-2, 2:-2].mean() < 0.002
+    n = filled[inner] * 2 - 1
+    np.testing.assert_allclose(n.norm(dim=1).numpy(), 1.0, atol=1e-5)

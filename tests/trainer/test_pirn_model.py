@@ -131,7 +131,7 @@ def test_head_scores_trains_only_the_decoder_and_can_be_rgb_only():
 
 def test_two_plane_graph_exports_with_parity(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    head = _head(layers=2).eval()
+    head = _head(layers=2, fill_invalid=2).eval()  # the normals' fill runs in the graph too
     for layer in head.layers:
         for cross in layer.attend.values():
             with torch.no_grad():

@@ -89,6 +89,7 @@ class PirnConfig:
     geometry: str = "xyz"  # the raw 3D plane: xyz or depth (with intrinsics)
     intrinsics: tuple[float, float, float, float] | None = None
     background_plane: bool = False
+    fill_invalid: int = 0  # passes filling invalid normals from valid neighbours (geometry.py)
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -265,7 +266,8 @@ class PirnHead(nn.Module):
                                           for m in cfg.modalities})
         self.layers = nn.ModuleList([DecoderLayer(cfg, dim) for _ in range(cfg.layers)])
         if "normals" in cfg.modalities:
-            self.normals = SurfaceNormals(cfg.geometry, cfg.intrinsics, cfg.background_plane)
+            self.normals = SurfaceNormals(cfg.geometry, cfg.intrinsics, cfg.background_plane,
+                                          fill_invalid=cfg.fill_invalid)
             norm = self.encoders["normals"].normalization
             mean, std = norm.mean, norm.std
             self.register_buffer("normals_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
