@@ -62,11 +62,54 @@ def test_balanced_assignment_uses_every_prototype_where_softmax_collapses():
     assert share_soft[0] > 0.9 and share_ot.max() < 0.35
 
 
+def test_enough_iterations_keep_prototype_shares_balanced_after_the_row_renormalization():
+    torch.manual_seed(0)
+    tokens = torch.randn(4, 8, 64).repeat_interleave(32, 1) + 0.3 * torch.randn(4, 256, 64)
+    protos = tokens[:, torch.randperm(256)[:16]] + 0.3 * torch.randn(4, 16, 64)
+
+    def shares(iters):
+        layer = DecoderLayer(PirnConfig(prototypes=16, mnc=False, sinkhorn_iters=iters), 64)
+        w = layer.assign(tokens, protos)
+        return w.sum(1) / 256 * 16  # 1 = the fair share
+
+    assert shares(3).max() > 1.5  # SwAV's 3 iterations: some prototype takes far more
+    default = shares(PirnConfig().sinkhorn_iters)
+    assert 0.97 < default.min() and default.max() < 1.03
+
+
+def test_gat_and_cross_attention_equal_direct_implementations():
+    from edge_inspect.trainer.heads.pirn.model import CrossAttention, GraphAttention
+
+    torch.manual_seed(5)
+    gat = GraphAttention(8, 2)
+    nodes = torch.randn(1, 6, 8)
+    edges = torch.rand(1, 6, 6) > 0.5
+    edges |= torch.eye(6, dtype=torch.bool)[None]
+    out = torch.zeros(6, 8)
+    for h in range(2):  # Velickovic et al.: per head, softmax over i's neighbours
+        w = gat.w.weight[h * 4:(h + 1) * 4]
+        wh = nodes[0] @ w.T
+        for i in range(6):
+            js = [j for j in range(6) if edges[0, i, j]]
+            e = torch.stack([F.leaky_relu(gat.a_src[h] @ wh[i] + gat.a_dst[h] @ wh[j], 0.2) for j in js])
+            alpha = torch.softmax(e, 0)
+            out[i, h * 4:(h + 1) * 4] = sum(a * wh[j] for a, j in zip(alpha, js, strict=True))
+    torch.testing.assert_close(gat(nodes, edges)[0], nodes[0] + gat.out(out))
+
+    ca = CrossAttention(8)
+    with torch.no_grad():
+        ca.gamma.fill_(0.8)
+    q, p = torch.randn(1, 5, 8), torch.randn(1, 4, 8)
+    attn = torch.softmax((q[0] @ ca.q.weight.T) @ (p[0] @ ca.k.weight.T).T / 8 ** 0.5, dim=1)  # Eq. 4
+    want = q[0] + torch.tanh(torch.tensor(0.8)) * attn @ (p[0] @ ca.v.weight.T)  # Eq. 5
+    torch.testing.assert_close(ca(q, p)[0], want)
+
+
 def test_apr_context_is_the_plan_weighted_mean_fed_to_the_gru():
     layer = DecoderLayer(PirnConfig(prototypes=5, mnc=False), 12)
     torch.manual_seed(2)
     tokens, protos = torch.randn(2, 30, 12), torch.randn(2, 5, 12)
-    plan = sinkhorn(cosine_cost(tokens, protos), 0.05, 3)
+    plan = sinkhorn(cosine_cost(tokens, protos), 0.05, layer.cfg.sinkhorn_iters)
     context = torch.stack([torch.stack([(plan[b, :, k, None] * tokens[b]).sum(0) / plan[b, :, k].sum()
                                         for k in range(5)]) for b in range(2)])  # Eq. 3
     want = layer.gru["rgb"](context.reshape(10, 12), protos.reshape(10, 12)).reshape(2, 5, 12)

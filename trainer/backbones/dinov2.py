@@ -274,7 +274,7 @@ def load_dinov2(path: str | Path, arch: str | None = None,
     Args:
         path: ``dinov2_vitb14[_reg4]_pretrain.pth`` / .safetensors or a Hugging Face folder.
         arch: expected architecture name; inferred from the file when None.
-        input_size: bake the positional table for this size (e.g. 392 for INP-Former/PIRN).
+        input_size: bake the positional table for this size (e.g. 392 for INP-Former, 224 for PIRN).
         scale_offset: 0.1 reproduces the official repository's interpolation.
         antialias: torch's antialias flag for the bicubic resize (see ``set_input_size``).
     """
