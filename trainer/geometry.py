@@ -93,8 +93,9 @@ def remove_background_plane(xyz: torch.Tensor, border: int, distance: float) -> 
     b, _, h, w = xyz.shape
     ring = torch.ones(h, w, dtype=torch.bool, device=xyz.device)
     ring[border:h - border, border:w - border] = False
-    use = (~missing_points(xyz) & ring).to(xyz.dtype).reshape(b, -1, 1)
-    pts = torch.where(missing_points(xyz)[:, None], torch.zeros_like(xyz), xyz).reshape(b, 3, -1)
+    missing = missing_points(xyz)
+    use = (~missing & ring).to(xyz.dtype).reshape(b, -1, 1)
+    pts = torch.where(missing[:, None], torch.zeros_like(xyz), xyz).reshape(b, 3, -1)
     x, y, z = pts[:, 0, :, None], pts[:, 1, :, None], pts[:, 2, :, None]
     design = torch.cat([x, y, torch.ones_like(x)], dim=2) * use  # (B, HW, 3)
     gram = design.transpose(1, 2) @ design + 1e-9 * torch.eye(3, dtype=xyz.dtype, device=xyz.device)

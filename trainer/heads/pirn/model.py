@@ -314,13 +314,11 @@ class PirnHead(nn.Module):
                    for m in self.cfg.modalities)
 
     def to_map(self, encoded, reconstructed, size: tuple[int, int]) -> torch.Tensor:
+        """The fused map: bilinear upsampling is linear, so upsampling the summed distances
+        once equals summing each modality's upsampled map."""
         rows, cols = self.backbone.grid
-        maps = 0
-        for m in self.cfg.modalities:
-            d = 1.0 - F.cosine_similarity(encoded[m], reconstructed[m], dim=-1)
-            maps = maps + F.interpolate(d.reshape(-1, 1, rows, cols), size=size, mode="bilinear",
-                                        align_corners=False)
-        return self.smooth(maps.squeeze(1))
+        d = self.patch_distances(encoded, reconstructed).reshape(-1, 1, rows, cols)
+        return self.smooth(F.interpolate(d, size=size, mode="bilinear", align_corners=False).squeeze(1))
 
     def forward_with_state(self, rgb: torch.Tensor, geometry: torch.Tensor | None,
                            prototypes: dict[str, torch.Tensor] | None = None):
