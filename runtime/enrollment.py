@@ -110,12 +110,15 @@ def border_rings(grid: tuple[int, int]) -> np.ndarray:
 
 
 def border_scale(patch: np.ndarray, grid: tuple[int, int], rings: int, quantile: float) -> np.ndarray:
-    """``(n, N)`` reference patch scores -> ``(N,)`` divisors, 1 inside the outer ``rings``."""
+    """``(n, N)`` reference patch scores -> ``(N,)`` divisors, 1 inside the outer ``rings``
+    and for a ring whose quantile or the interior's is 0 (as the trainer's)."""
     ring = border_rings(grid)
-    inner = np.quantile(patch[:, ring >= rings], quantile)
+    inner = float(np.quantile(patch[:, ring >= rings], quantile))
     scale = np.ones(ring.size)
     for k in range(rings):
-        scale[ring == k] = np.quantile(patch[:, ring == k], quantile) / inner
+        edge = float(np.quantile(patch[:, ring == k], quantile))
+        if edge > 0 and inner > 0:
+            scale[ring == k] = edge / inner
     return scale.astype(np.float32)
 
 

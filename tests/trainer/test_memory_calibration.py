@@ -162,3 +162,19 @@ def test_border_scale_evens_out_a_hotter_outer_ring_in_torch_and_numpy():
     np.testing.assert_allclose(border_scale_np(patch, grid, 1, 0.999), scale.numpy(), rtol=1e-6)
     two = border_scale(torch.tensor(patch), grid, 2, 0.999)
     assert bool((two[ring >= 2] == 1).all()) and float(two[ring == 1][0]) != 1.0
+
+
+def test_border_scale_stays_finite_when_reference_patches_score_zero():
+    # reference images identical to the shots (a static scene) score 0 everywhere: a
+    # quantile ratio would be 0 / 0 and turn every image score into NaN
+    from edge_inspect.runtime.enrollment import border_scale as border_scale_np
+    from edge_inspect.trainer.heads.memory.model import border_rings, border_scale
+
+    grid = (7, 7)
+    zeros = np.zeros((5, 49))
+    assert bool((border_scale(torch.tensor(zeros), grid, 1, 0.999) == 1).all())
+    assert (border_scale_np(zeros, grid, 1, 0.999) == 1).all()
+    edge_zero = np.random.default_rng(0).gamma(3.0, size=(5, 49))
+    edge_zero[:, border_rings(grid).numpy() == 0] = 0.0  # an edge that never differs
+    assert bool((border_scale(torch.tensor(edge_zero), grid, 1, 0.999) == 1).all())
+    assert (border_scale_np(edge_zero, grid, 1, 0.999) == 1).all()

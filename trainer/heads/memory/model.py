@@ -335,11 +335,15 @@ def border_scale(patch: torch.Tensor, grid: tuple[int, int], rings: int,
                  quantile: float) -> torch.Tensor:
     """``(n, N)`` patch scores of normal images -> ``(N,)`` divisors: for each of the
     outermost ``rings`` rings, its ``quantile`` over the images' patches relative to the
-    interior's (float64, linear interpolation, as numpy's default); 1 inside."""
+    interior's (float64, linear interpolation, as numpy's default); 1 inside, and 1 for a
+    ring whose quantile or the interior's is 0 (reference images that repeat the shots:
+    nothing to scale by, and a 0 would make every score NaN or infinite)."""
     ring = border_rings(grid).to(patch.device)
     x = patch.double()
-    inner = torch.quantile(x[:, ring >= rings].flatten(), quantile)
+    inner = float(torch.quantile(x[:, ring >= rings].flatten(), quantile))
     scale = torch.ones(ring.numel(), dtype=torch.float64, device=patch.device)
     for k in range(rings):
-        scale[ring == k] = torch.quantile(x[:, ring == k].flatten(), quantile) / inner
+        edge = float(torch.quantile(x[:, ring == k].flatten(), quantile))
+        if edge > 0 and inner > 0:
+            scale[ring == k] = edge / inner
     return scale.float()
