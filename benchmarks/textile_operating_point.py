@@ -41,7 +41,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = {"false_alarm": 0.02, "miss": 0.05, "auroc": 0.99}  # issue 13
 
 
-BEFORE = ["head.global_detector=window", "head.border_rings=0", "calibration.normals=100"]
+BEFORE = ["head.global_detector=window", "head.border_rings=0", "head.shot_turns=1",
+          "calibration.normals=100"]
 
 
 def run_seed(cfg: RunConfig, head, loader: BatchLoader, test, seed: int, before: bool) -> dict:
@@ -100,7 +101,8 @@ def main() -> None:
            and max(worst["miss_local"], worst["miss_global"]) <= TARGET["miss"]
            and min(worst["auroc_local"], worst["auroc_global"]) >= TARGET["auroc"])
     how = ("before issue 13: window Gaussian from the shots, one threshold from 100 normals"
-           if args.before else f"shift reference from {head.reference_normals} normals, "
+           if args.before else f"{head.cfg.shot_turns} turns of each shot in the memory, "
+           f"shift reference from {head.reference_normals} normals, "
            f"per-detector thresholds (local share {cfg.head.get('local_share')}) from "
            f"{normals - head.reference_normals}")
     report = {"config": "configs/memory/textile-texture.yaml", "shots": cfg.shots, "model": how,

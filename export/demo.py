@@ -10,6 +10,12 @@
 3. Shows live scores and ends with a summary: frames, drops, AUROC of the streamed scores
    per defect kind, decisions at the threshold, p50/p99 end-to-end latency, p50 per stage,
    achieved frame rate. Writes ``summary.json``, ``stream_scores.png`` and ``captures/``.
+
+``--rgbd`` runs the same product on the generated RGB-D task instead: PIRN on a tiny
+random DINOv2 (``configs/pirn/tiny-rgbd.yaml``), trained on 16 normal scenes (about a minute
+on 2 cores), exported as a two-plane bundle (``bundles/rgbd-demo``), and a synthetic RGB-D
+camera streaming normal scenes, geometry-only dents and colour-only stains (``rgb`` + ``xyz``
+planes in each message); the summary reports each defect kind.
 """
 
 from __future__ import annotations
@@ -24,15 +30,23 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "memory" / "textile-texture.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIG = CONFIGS / "memory" / "textile-texture.yaml"
+RGBD_CONFIG = CONFIGS / "pirn" / "tiny-rgbd.yaml"
+NORMAL = "nominal"  # the summary's name for normal frames in either demo
+TEXTILE_DEFECTS = ("local", "global")
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", type=Path, default=Path("bundles/textile-demo"),
-                        help="bundle to stream with (built here when missing)")
+    parser.add_argument("--rgbd", action="store_true",
+                        help="the generated RGB-D task with PIRN (two planes) instead of the textiles")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="bundle to stream with (built here when missing; default "
+                             "bundles/textile-demo, with --rgbd bundles/rgbd-demo)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the bundle even if present")
-    parser.add_argument("--shots", type=int, default=4, help="nominal images in the memory")
+    parser.add_argument("--shots", type=int, default=4,
+                        help="nominal images in the memory (textile demo)")
     parser.add_argument("--per-kind", type=int, default=150,
                         help="streamed images per kind (nominal, local, global)")
     parser.add_argument("--fps", type=float, default=25.0, help="camera frame rate")
@@ -68,6 +82,30 @@ def seen_images(cfg) -> set[str]:
     return {str(ds.records[i].image) for ds, i in shots + calib}
 
 
+def build_rgbd_bundle(bundle: Path, seed: int) -> Path:
+    """Train PIRN on the generated task's normal shots, calibrate, export (two planes)."""
+    import torch
+
+    from edge_inspect.export.bundle_writer import export_bundle
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.evaluate import evaluate_run
+    from edge_inspect.trainer.fit import train
+
+    cfg = RunConfig.from_yaml(RGBD_CONFIG, [f"seed={seed}", "eval.overlays=0"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny decoder's many small ops run fastest on one thread
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp)
+            ckpt = train(cfg, run)
+            evaluate_run(cfg, ckpt, run / "eval-demo")
+            (enrolled,) = (run / "eval-demo" / "enrolled").glob("*.safetensors")
+            export_bundle(run, bundle, enrolled)
+    finally:
+        torch.set_num_threads(threads)
+    return bundle
+
+
 def stream_set(seen: set[str], per_kind: int, seed: int) -> list[tuple[Path, str]]:
     from edge_inspect.trainer.data import TextileImages
 
@@ -88,33 +126,52 @@ def run(args: argparse.Namespace) -> int:
     from edge_inspect.runtime.transport.wire import decode
     from edge_inspect.trainer.config import RunConfig
 
+    args.bundle = args.bundle or Path("bundles/rgbd-demo" if args.rgbd else "bundles/textile-demo")
     if args.rebuild or not (args.bundle / "manifest.json").exists():
         if args.bundle.exists():
             import shutil
 
             shutil.rmtree(args.bundle)
-        print(f"building the demo bundle {args.bundle} (K = {args.shots} nominal shots) ...")
-        _, seen = build_bundle(args.bundle, args.shots, args.seed)
-    else:
+        if args.rgbd:
+            print(f"building the RGB-D demo bundle {args.bundle} (PIRN trained on 16 normal scenes) ...")
+            build_rgbd_bundle(args.bundle, args.seed)
+        else:
+            print(f"building the demo bundle {args.bundle} (K = {args.shots} nominal shots) ...")
+            _, seen = build_bundle(args.bundle, args.shots, args.seed)
+    elif not args.rgbd:
         cfg = RunConfig.from_dict(json.loads((args.bundle / "manifest.json").read_text())["config"])
         seen = seen_images(cfg)
-    items = stream_set(seen, args.per_kind, args.seed)
+    if args.rgbd:
+        from edge_inspect.runtime.sources import rgbd_frame_kind
+
+        camera, defects, model = "rgbd", ("dent", "stain"), "rgbd-demo"
+        count = 3 * args.per_kind
+        items = [(None, NORMAL if rgbd_frame_kind(i) == "good" else rgbd_frame_kind(i))
+                 for i in range(count)]
+        size = json.loads((args.bundle / "manifest.json").read_text())["inputs"][0]["size"][0]
+        source = {"id": camera, "source": "rgbd_synthetic", "size": size, "count": count,
+                  "fps": args.fps, "seed": args.seed + 1000}
+    else:
+        camera, defects, model = "textile", TEXTILE_DEFECTS, "textile-demo"
+        items = stream_set(seen, args.per_kind, args.seed)
+        source = {"id": camera, "source": "folder", "images": [str(p) for p, _ in items],
+                  "fps": args.fps}
     port = args.port if port_free(args.port) else 0
     if port != args.port:
         print(f"port {args.port} is busy; serving /metrics on a free port instead")
     args.out.mkdir(parents=True, exist_ok=True)
     endpoints = Path(tempfile.mkdtemp(prefix="edge-inspect-demo-"))
     cfg = Profile.from_dict(dict(
-        bundle=str(args.bundle), mode="live", endpoint_dir=str(endpoints), model_name="textile-demo",
-        cameras=[{"id": "textile", "source": "folder", "images": [str(p) for p, _ in items],
-                  "fps": args.fps}],
+        bundle=str(args.bundle), mode="live", endpoint_dir=str(endpoints), model_name=model,
+        cameras=[source],
         pipeline={"max_batch": 4, "max_wait_ms": 5, "heatmap_size": [62, 62]},
         captures={"folder": str(args.out / "captures"), "retain": 50},
         http={"host": "127.0.0.1", "port": port}), "demo")
     runtime = Runtime(cfg)
     results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000))
     runtime.start()
-    print(f"streaming {len(items)} images at {args.fps:g} fps over ZeroMQ; metrics on "
+    what = "RGB-D frames (rgb + xyz)" if args.rgbd else "images"
+    print(f"streaming {len(items)} {what} at {args.fps:g} fps over ZeroMQ; metrics on "
           f"http://127.0.0.1:{runtime.health.port}/metrics")
     got: dict[int, dict] = {}
     latency: dict[int, float] = {}
@@ -147,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
         runtime.shutdown()
         results.close()
     print()
-    summary = summarize(items, got, latency, runtime, threshold, t_first, t_last)
+    summary = summarize(items, got, latency, runtime, threshold, t_first, t_last, camera, defects)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_stream(args.out / "stream_scores.png", items, got, threshold)
+    plot_stream(args.out / "stream_scores.png", items, got, threshold, defects)
     print_summary(summary)
     print(f"\nsummary.json, stream_scores.png and captures/ in {args.out}/")
     return 0
@@ -168,14 +225,15 @@ def port_free(port: int) -> bool:
     return True
 
 
-def summarize(items, got, latency, runtime, threshold, t_first, t_last) -> dict:
+def summarize(items, got, latency, runtime, threshold, t_first, t_last, camera: str = "textile",
+              defects: tuple[str, ...] = TEXTILE_DEFECTS) -> dict:
     from edge_inspect.trainer.metrics import auroc
 
     scores = {k: np.array([got[i]["score"] for i in got if items[i][1] == k])
-              for k in ("nominal", "local", "global")}
+              for k in (NORMAL, *defects)}
     m = runtime.metrics.registry
     drops = {r: m.get_sample_value("edge_inspect_frames_dropped_total",
-                                   {"camera": "textile", "reason": r}) or 0.0
+                                   {"camera": camera, "reason": r}) or 0.0
              for r in ("stale", "hwm", "malformed")}
     stages = {s: float(np.median([h["stages"][s] for h in got.values()]))
               for s in ("transport", "preprocess", "infer", "postprocess")}
@@ -185,8 +243,8 @@ def summarize(items, got, latency, runtime, threshold, t_first, t_last) -> dict:
            "threshold": threshold,
            "e2e_latency_ms": {"p50": 1000 * float(np.percentile(lat, 50)),
                               "p99": 1000 * float(np.percentile(lat, 99))},
-           "stage_p50_ms": {k: 1000 * v for k, v in stages.items()}}
-    for kind in ("local", "global"):
+           "stage_p50_ms": {k: 1000 * v for k, v in stages.items()}, "defect_kinds": list(defects)}
+    for kind in defects:
         y = np.r_[np.zeros(len(scores["nominal"])), np.ones(len(scores[kind]))]
         s = np.r_[scores["nominal"], scores[kind]]
         out[f"auroc_nominal_vs_{kind}"] = auroc(y, s) if 0 < y.sum() < len(y) else None
@@ -200,10 +258,15 @@ def print_summary(s: dict) -> None:
     print(f"frames: {s['frames_sent']} sent, {s['frames_scored']} scored, dropped stale "
           f"{d['stale']:.0f} / hwm {d['hwm']:.0f} / malformed {d['malformed']:.0f}; "
           f"{s['fps']:.1f} frames/s")
-    print(f"AUROC of the streamed scores: nominal vs local {s['auroc_nominal_vs_local']:.4f}, "
-          f"nominal vs global {s['auroc_nominal_vs_global']:.4f}")
+    kinds = s.get("defect_kinds", TEXTILE_DEFECTS)
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    print("AUROC of the streamed scores: "
+          + ", ".join(f"nominal vs {k} {num(s[f'auroc_nominal_vs_{k}'], '.4f')}" for k in kinds))
     print(f"at the threshold {s['threshold']:.4g}: false alarms {s['false_alarms_nominal']:.1%} of "
-          f"nominal, missed {s['missed_local']:.1%} local / {s['missed_global']:.1%} global")
+          "nominal, missed " + " / ".join(f"{num(s[f'missed_{k}'], '.1%')} {k}" for k in kinds))
     st = s["stage_p50_ms"]
     print(f"latency capture -> result: p50 {s['e2e_latency_ms']['p50']:.1f} ms, p99 "
           f"{s['e2e_latency_ms']['p99']:.1f} ms; p50 per stage: transport {st['transport']:.2f}, "
@@ -211,14 +274,15 @@ def print_summary(s: dict) -> None:
           f"{st['postprocess']:.2f} ms")
 
 
-def plot_stream(path: Path, items, got, threshold) -> None:
+def plot_stream(path: Path, items, got, threshold, defects: tuple[str, ...] = TEXTILE_DEFECTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 3.4))
-    colours = {"nominal": "tab:blue", "local": "tab:red", "global": "tab:orange"}
+    colours = dict(zip((NORMAL, *defects), ("tab:blue", "tab:red", "tab:orange", "tab:green"),
+                       strict=False))
     for kind, colour in colours.items():
         seqs = [i for i in sorted(got) if items[i][1] == kind]
         ax.scatter(seqs, [got[i]["score"] for i in seqs], s=8, c=colour, label=kind)

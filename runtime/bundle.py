@@ -47,6 +47,8 @@ MODALITIES = ("rgb", "depth", "normals", "xyz")
 ROLES = ("score", "map", "feature", "state")
 FIT_MODES = ("resize", "center_crop", "short_side_crop")
 INTERPOLATIONS = ("bicubic", "bicubic_antialias", "bilinear", "area", "nearest", "none")
+GEOMETRY = ("depth", "xyz", "normals")
+GEOMETRY_INTERPOLATIONS = ("nearest", "bilinear", "none")
 LAYOUTS = ("NHWC",)
 DTYPES = ("uint8", "uint16", "float16", "float32")
 RESET_RULES = ("reload", "sequence_restart", "command")
@@ -315,9 +317,13 @@ def _plane(path: Path, raw: object, i: int) -> InputPlane:
     if not 1 <= channels <= 4:
         f.fail(f"'channels' must be 1..4, got {channels}")
     norm = f.get("normalization", dict)
-    return InputPlane(f.get("name", str), f.choice("modality", MODALITIES), f.choice("dtype", DTYPES),
+    modality, interpolation = f.choice("modality", MODALITIES), f.choice("interpolation", INTERPOLATIONS)
+    if modality in GEOMETRY and interpolation not in GEOMETRY_INTERPOLATIONS:
+        f.fail(f"is a {modality} plane with interpolation {interpolation!r}; geometry takes "
+               f"{list(GEOMETRY_INTERPOLATIONS)} (bicubic and area blend depths across edges and holes)")
+    return InputPlane(f.get("name", str), modality, f.choice("dtype", DTYPES),
                       f.choice("layout", LAYOUTS), size[0], size[1], channels,
-                      f.choice("fit", FIT_MODES), f.choice("interpolation", INTERPOLATIONS), norm)
+                      f.choice("fit", FIT_MODES), interpolation, norm)
 
 
 def _output(path: Path, raw: object, i: int) -> OutputSpec:

@@ -1,4 +1,7 @@
-r"""Anomalous-frame captures on disk: frame PNG, heatmap overlay PNG and header JSON.
+r"""Anomalous-frame captures on disk: frame PNG, heatmap overlay PNG and header JSON (and
+for RGB-D frames each geometry plane as ``<plane>.tiff``, float32 as received, with a
+``<plane>.png`` depth preview: z min-max over the valid points, nearer brighter, missing
+black).
 
 Captures live in one folder per camera, ``<folder>/<camera>/<received>-<seq>/``, named by
 the runtime's own wall clock when the result was submitted (never by the sender's
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 
 from edge_inspect.runtime.logs import ThrottledLog
 
@@ -49,10 +53,10 @@ class CaptureStore:
         self.writer.start()
 
     def submit(self, camera: str, seq: int, frame: np.ndarray, heatmap: np.ndarray,
-               header: dict) -> bool:
+               header: dict, geometry: dict[str, np.ndarray] | None = None) -> bool:
         """Queue a capture for the writer thread; False (skipped, counted) when it is too far behind."""
         try:
-            self.pending.put_nowait((camera, seq, frame, heatmap, header, time.time_ns()))
+            self.pending.put_nowait((camera, seq, frame, heatmap, header, time.time_ns(), geometry))
             return True
         except queue.Full:
             self.skipped += 1
@@ -88,7 +92,7 @@ class CaptureStore:
                 self.pending.task_done()
 
     def save(self, camera: str, seq: int, frame: np.ndarray, heatmap: np.ndarray, header: dict,
-             received_ns: int | None = None) -> Path:
+             received_ns: int | None = None, geometry: dict[str, np.ndarray] | None = None) -> Path:
         received_ns = time.time_ns() if received_ns is None else received_ns
         folder = self.folder / camera
         folder.mkdir(mode=0o750, exist_ok=True)
@@ -101,6 +105,10 @@ class CaptureStore:
         scale = max(float(heat.max()), 1e-12)
         colour = cv2.applyColorMap(np.uint8(255 * np.clip(heat / scale, 0, 1)), cv2.COLORMAP_JET)
         cv2.imwrite(str(tmp / "overlay.png"), cv2.addWeighted(bgr, 0.55, colour, 0.45, 0))
+        for name, plane in (geometry or {}).items():
+            tifffile.imwrite(tmp / f"{name}.tiff", np.ascontiguousarray(plane, np.float32),
+                             photometric="rgb" if plane.shape[-1] == 3 else "minisblack")
+            cv2.imwrite(str(tmp / f"{name}.png"), depth_preview(plane))
         (tmp / "header.json").write_text(json.dumps({**header, "received_unix_ns": received_ns}, indent=2))
         for f in tmp.iterdir():
             os.chmod(f, 0o640)
@@ -114,3 +122,15 @@ class CaptureStore:
         kept = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         for old in kept[: max(0, len(kept) - self.retain)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def depth_preview(plane: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` xyz or ``(H, W, 1)`` depth -> uint8 grey: z min-max over the valid
+    (finite, non-zero) points, nearer brighter, missing black."""
+    z = plane[..., -1].astype(np.float64)
+    valid = np.isfinite(z) & (z != 0)
+    out = np.zeros(z.shape, np.uint8)
+    if valid.any():
+        lo, hi = z[valid].min(), z[valid].max()
+        out[valid] = np.round(255 * (hi - z[valid]) / max(hi - lo, 1e-12)).astype(np.uint8)
+    return out

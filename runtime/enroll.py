@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_inspect.runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file, staged_bundle
 from edge_inspect.runtime.calibration import calibrate_detectors, calibrate_false_alarm_rate, normals_needed
-from edge_inspect.runtime.enrollment import build_memory, reference_images
+from edge_inspect.runtime.enrollment import build_memory, quarter_turns, reference_images
 from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
 
 
@@ -45,25 +45,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8)
 
 
-def _frames(paths: list[Path], bundle) -> dict[str, np.ndarray]:
+def _frames(paths: list[Path], bundle) -> np.ndarray:
     plane = bundle.image
-    return {plane.name: np.stack([fit_image(read_rgb(p), (plane.height, plane.width), plane.fit,
-                                            plane.interpolation) for p in paths])}
+    return np.stack([fit_image(read_rgb(p), (plane.height, plane.width), plane.fit,
+                               plane.interpolation) for p in paths])
 
 
-def _infer(engine, paths: list[Path], outputs: list[str], batch: int) -> dict[str, np.ndarray]:
+def _infer(engine, paths: list[Path], outputs: list[str], batch: int,
+           turns: int = 1) -> dict[str, np.ndarray]:
+    """Outputs for the frames of ``paths`` (and their :func:`quarter_turns`, all turn-0 frames
+    first, as the trainer orders them)."""
+    frames = _frames(paths, engine.bundle)
+    if turns > 1:
+        frames = quarter_turns(frames, turns)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
-    for s in range(0, len(paths), batch):
-        out = engine.infer(_frames(paths[s:s + batch], engine.bundle), outputs)
+    for s in range(0, len(frames), batch):
+        out = engine.infer({engine.bundle.image.name: frames[s:s + batch]}, outputs)
         for k in outputs:
             parts[k].append(out[k])
     return parts
 
 
-def _features(engine, paths: list[Path], batch: int) -> dict[str, np.ndarray]:
+def _features(engine, paths: list[Path], batch: int, turns: int = 1) -> dict[str, np.ndarray]:
     """The bundle's ``feature.*`` outputs for ``paths``, keyed without the prefix."""
     outputs = engine.bundle.feature_outputs
-    parts = _infer(engine, paths, [o.name for o in outputs], batch)
+    parts = _infer(engine, paths, [o.name for o in outputs], batch, turns)
     return {o.name.removeprefix("feature."): np.concatenate(parts[o.name],
                                                             axis=list(o.shape).index("batch"))
             for o in outputs}
@@ -112,7 +118,8 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
                          "or --calibration-images")
 
     engine = open_engine(bundle)
-    memory = build_memory(recipe, _features(engine, shot_files, batch),
+    turns = int(recipe.get("shot_turns", 1))
+    memory = build_memory(recipe, _features(engine, shot_files, batch, turns),
                           _features(engine, ref_files, batch) if ref_files else None)
     if set(memory) != set(bundle.memory):
         raise BundleError(f"enrollment built {sorted(memory)} but the bundle's memory has "

@@ -15,6 +15,10 @@ so enrollment needs neither the trainer nor its config):
   features, with the recipe's window and stride. Recipes with ``border_rings`` also carry
   ``local.position_scale``: each outer ring's ``border_quantile`` quantile of the
   reference normals' patch scores over the interior's (ones for 0 rings). Recipes that
+  Recipes with ``shot_turns`` > 1 take the features of the shots followed by their turned
+  copies (:func:`quarter_turns`, applied to the frames before the graph): all of them go
+  into the bank, the unturned shots alone give the fold reference and the window Gaussian.
+  Recipes that
   name ``detectors`` also carry per-detector thresholds (``detector_threshold``, 1 until calibrated:
   ``edge-inspect enroll`` sets them from its calibration images).
 
@@ -43,8 +47,21 @@ def _nearest(query: np.ndarray, bank: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(np.maximum(d2, 0.0)).min(axis=1)
 
 
-def patch_memory(local: np.ndarray, metric: str, grid: tuple[int, int]) -> dict[str, np.ndarray]:
-    """``local (K, N, C)`` -> bank, mean, std and the fold reference of the memory head."""
+def quarter_turns(frames: np.ndarray, turns: int) -> np.ndarray:
+    """``(K, H, W, ...)`` frames -> ``(turns * K, H, W, ...)``: the frames, then each turned by
+    ``360 / turns`` degrees more, in the trainer's order (``turns`` in 1, 2, 4)."""
+    if turns not in (1, 2, 4):
+        raise ValueError(f"shot_turns must be 1, 2 or 4, got {turns}")
+    if turns == 4 and frames.shape[1] != frames.shape[2]:
+        raise ValueError(f"4 shot turns need square frames, got {frames.shape[1]}x{frames.shape[2]}")
+    step = 4 // turns
+    return np.concatenate([np.rot90(frames, t * step, axes=(1, 2)) for t in range(turns)])
+
+
+def patch_memory(local: np.ndarray, metric: str, grid: tuple[int, int],
+                 shots: int | None = None) -> dict[str, np.ndarray]:
+    """``local (K', N, C)`` -> bank, mean, std and the fold reference of the memory head (the
+    bank holds all K' images; the fold reference uses the first ``shots``, default all)."""
     k, n, c = local.shape
     flat = local.reshape(-1, c).astype(np.float64)
     if metric == "standardized":
@@ -55,7 +72,8 @@ def patch_memory(local: np.ndarray, metric: str, grid: tuple[int, int]) -> dict[
         bank = _normalize(flat)
     else:
         raise ValueError(f"memory metric {metric!r} unknown")
-    per_shot = bank.reshape(k, n, c)
+    k = k if shots is None else shots
+    per_shot = bank[:k * n].reshape(k, n, c)
     top = (np.arange(n) // grid[1]) < grid[0] // 2
     maxima = []
     for shot in range(k):
@@ -140,7 +158,12 @@ def patch_memory_recipe(params: dict, features: dict[str, np.ndarray],
     detectors, thresholds of 1."""
     rows_cols = features["global"].shape[-2:] if "global" in features else params.get("grid")
     grid = _grid(rows_cols, features["local"].shape[1])
-    memory = patch_memory(features["local"], params["metric"], grid)
+    turns = int(params.get("shot_turns", 1))
+    if features["local"].shape[0] % turns:
+        raise ValueError(f"{features['local'].shape[0]} shot feature rows are not {turns} turns of "
+                         "the same shots; pass the frames through quarter_turns")
+    shots = features["local"].shape[0] // turns
+    memory = patch_memory(features["local"], params["metric"], grid, shots)
     rings = int(params.get("border_rings", 0))
     shift = params["use_global"] and params.get("global_detector", "window") == "shift"
     if (shift or rings) and (reference is None or "local" not in reference):
@@ -154,7 +177,7 @@ def patch_memory_recipe(params: dict, features: dict[str, np.ndarray],
     if shift:
         memory |= image_shift(reference["global"])
     elif params["use_global"]:
-        memory |= window_gaussian(features["global"], params["window"], params["stride"])
+        memory |= window_gaussian(features["global"][:shots], params["window"], params["stride"])
     if params.get("detectors"):
         memory["detector_threshold"] = np.ones(len(params["detectors"]), np.float32)
     return memory

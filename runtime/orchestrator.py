@@ -34,7 +34,7 @@ from edge_inspect.runtime.model_slot import ModelSlot
 from edge_inspect.runtime.pipeline import Pipeline, PipelineConfig
 from edge_inspect.runtime.profile import Profile
 from edge_inspect.runtime.sinks import CaptureSink, ResultSocketSink
-from edge_inspect.runtime.source_registry import EXTERNAL, check_source, is_finite
+from edge_inspect.runtime.source_registry import EXTERNAL, check_planes, check_source, is_finite
 from edge_inspect.runtime.supervisor import ENDED, SourceSupervisor
 from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig, stop_authenticators
 
@@ -72,6 +72,9 @@ class Runtime:
         for cam in self.cameras:
             check_source(cam)
         self.bundle = load_bundle(cfg.bundle)
+        needed = list(dict.fromkeys(p.modality for p in self.bundle.inputs))
+        for cam in self.cameras:
+            check_planes(cam, needed, cfg.bundle)
         self.curve: CurveKeys | None = None
         if cfg.security is not None:
             self.curve = load_server_keys(cfg.security.server_key, cfg.security.client_keys)

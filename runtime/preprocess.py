@@ -162,6 +162,24 @@ def _pillow():
     return Image
 
 
+def read_xyz(path) -> np.ndarray:
+    """Read an organized point map (an ``H x W x 3`` float TIFF, MVTec 3D-AD's ``xyz``) as
+    float32 ``(H, W, 3)`` in the file's x, y, z order, interleaved or planar (tifffile:
+    OpenCV reads a planar float TIFF without error but with its samples scrambled)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xyz = tif.asarray()  # the whole series: a grey TIFF may hold one row per page
+            if tif.pages[0].planarconfig == tifffile.PLANARCONFIG.SEPARATE and xyz.ndim == 3:
+                xyz = xyz.transpose(1, 2, 0)
+    except Exception as exc:  # tifffile raises many types for a missing or broken file
+        raise ValueError(f"cannot read point map {path}: {exc}") from None
+    if xyz.ndim != 3 or xyz.shape[2] != 3 or xyz.dtype.kind != "f":
+        raise ValueError(f"point map {path} is {xyz.dtype} {xyz.shape}; expected a float (H, W, 3) TIFF")
+    return np.ascontiguousarray(xyz, dtype=np.float32)
+
+
 def read_rgb(path) -> np.ndarray:
     """An image file as ``(H, W, 3)`` uint8 RGB (gray expanded), or a clear error."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)

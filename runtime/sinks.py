@@ -69,10 +69,12 @@ class CaptureSink:
 
     def publish(self, result: Result) -> None:
         if result.label:  # PNG encoding happens on the store's writer thread
-            frame = result.planes.get("rgb", next(iter(result.planes.values()), None))
+            images = {k: v for k, v in result.planes.items() if v.dtype == np.uint8}
+            frame = images.get("rgb", next(iter(images.values()), None))
+            geometry = {k: v for k, v in result.planes.items() if v.dtype != np.uint8}
             self.store.submit(result.camera, result.seq, frame, result.heatmap,
                               {"camera": result.camera, "seq": result.seq,
-                               "t_capture_ns": result.t_capture_ns, **result.header})
+                               "t_capture_ns": result.t_capture_ns, **result.header}, geometry)
 
     def flush(self) -> None:
         self.store.flush(timeout_s=1.0)

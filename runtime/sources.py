@@ -1,5 +1,6 @@
 """Frame sources: image-folder replay, synthetic frames, and OpenCV captures (camera index,
-video file, RTSP/HTTP URL) with reconnect, backoff and a stall watchdog.
+video file, RTSP/HTTP URL) with reconnect, backoff and a stall watchdog; for RGB-D, replay
+of MVTec 3D-AD-layout folders (RGB PNG + xyz TIFF pairs) and a synthetic RGB-D camera.
 
 Every source yields ``(planes, t_capture_ns)``: a mapping of plane name to array (these
 sources give ``{"rgb": (H, W, 3) uint8}``; RGB-D sources add ``depth`` or ``xyz``) and
@@ -21,7 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, read_rgb
+from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, read_rgb, read_xyz
+from edge_inspect.runtime.synthetic_rgbd import KINDS as RGBD_KINDS
+from edge_inspect.runtime.synthetic_rgbd import render as render_rgbd
 from edge_inspect.runtime.transport.sockets import Sender
 from edge_inspect.runtime.transport.wire import encode_frame
 
@@ -34,6 +37,7 @@ class Source:
 
     on_event = None  # callable(event name) or None
     gave_up = False
+    PLANES: tuple[str, ...] = ("rgb",)  # the planes every frame of this kind carries
 
     def _event(self, name: str) -> None:
         if self.on_event is not None:
@@ -197,6 +201,88 @@ class CaptureSource(Source):
                 cap.release()
                 self.up = False
             self.reconnects += 1
+
+class RGBDFolderSource(Source):
+    """Replays RGB + point-map pairs in the MVTec 3D-AD layout: every ``rgb/<name>.png`` under
+    ``path`` (the folder itself or any folder below it) with its ``../xyz/<name>.tiff``,
+    sent as the planes ``rgb`` and ``xyz``. An image without its point map is an error at
+    start; a pair that cannot be read later is skipped and counted (``unreadable_image``)."""
+
+    PLANES = ("rgb", "xyz")
+
+    def __init__(self, path: str | Path, fps: float | None = 10.0, loop: bool = False,
+                 stop: threading.Event | None = None) -> None:
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"RGB-D folder {root} not found; point the camera's path at an "
+                                    "MVTec 3D-AD class, split or defect folder")
+        folders = sorted({p.parent for p in root.rglob("*") if p.parent.name == "rgb"
+                          and p.suffix.lower() in IMAGE_SUFFIXES} | ({root} if root.name == "rgb" else set()))
+        self.pairs = []
+        for folder in folders:
+            for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                xyz = folder.parent / "xyz" / f"{image.stem}.tiff"
+                if not xyz.exists():
+                    raise FileNotFoundError(f"{image} has no point map {xyz} (MVTec 3D-AD layout: "
+                                            "rgb/<name>.png beside xyz/<name>.tiff)")
+                self.pairs.append((image, xyz))
+        if not self.pairs:
+            raise ValueError(f"no rgb/<name>.png + xyz/<name>.tiff pairs under {root}")
+        self.fps, self.loop = fps, loop
+        self.stop = stop or threading.Event()
+        self.unreadable: set[Path] = set()
+
+    def __iter__(self) -> Iterator[Frame]:
+        pacer = Pacer(self.fps, self.stop)
+        while True:
+            for image, xyz in self.pairs:
+                if not pacer.wait():
+                    return
+                try:
+                    planes = {"rgb": read_rgb(image), "xyz": read_xyz(xyz)}
+                except ValueError as exc:
+                    self._event("unreadable_image")
+                    if image not in self.unreadable:
+                        self.unreadable.add(image)
+                        log.warning("skipping %s (logged once; every skip is counted in "
+                                    "edge_inspect_source_events_total)", exc)
+                    continue
+                yield planes, time.monotonic_ns()
+            if not self.loop:
+                return
+
+
+class SyntheticRGBDSource(Source):
+    """A synthetic RGB-D camera: scenes of :mod:`runtime.synthetic_rgbd` (planes ``rgb`` and
+    ``xyz``), cycling normal, dent, stain, ...; frame ``i`` is drawn from ``(seed, i)``, so
+    a receiver knows each frame's truth from its ``seq`` (:func:`rgbd_frame_kind`)."""
+
+    PLANES = ("rgb", "xyz")
+
+    def __init__(self, size: int = 112, fps: float | None = 10.0, count: int | None = None,
+                 seed: int = 0, dropout: float = 0.0, stop: threading.Event | None = None) -> None:
+        if int(size) < 16:
+            raise ValueError(f"synthetic RGB-D size must be at least 16 pixels, got {size}")
+        self.size, self.fps, self.count = int(size), fps, count
+        self.seed, self.dropout = int(seed), float(dropout)
+        self.stop = stop or threading.Event()
+
+    def __iter__(self) -> Iterator[Frame]:
+        pacer, i = Pacer(self.fps, self.stop), 0
+        while (self.count is None or i < self.count) and pacer.wait():
+            image, xyz, _ = self.scene(i)
+            yield {"rgb": image, "xyz": xyz}, time.monotonic_ns()
+            i += 1
+
+    def scene(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frame ``i``'s ``(rgb, xyz, mask)``."""
+        return render_rgbd(self.size, np.random.default_rng([self.seed, 2, i]), rgbd_frame_kind(i),
+                           self.dropout)
+
+
+def rgbd_frame_kind(i: int) -> str:
+    """The truth of the synthetic RGB-D camera's frame ``i``: good, dent, stain, good, ..."""
+    return ("good", *RGBD_KINDS)[i % (1 + len(RGBD_KINDS))]
 
 
 def publish(source, sender: Sender, camera: str, stop: threading.Event | None = None,

@@ -19,7 +19,8 @@ RUNS = {
     "cmad": ("configs/cmad/tiny-synthetic.yaml", ["train.steps=3", "shots=2"]),
     "memory": ("configs/memory/textile-texture.yaml",
                ["eval.limit=30", "data.target=[{name: textile-local, kind: textile, "
-                "kinds: [nominal, local]}]", "head.shift_reference=30", "calibration.normals=100",
+                "kinds: [nominal, local]}]", "head.shift_reference=30", "head.shot_turns=4",
+                "calibration.normals=100",
                 "calibration.false_alarm_rate=0.05"]),
 }
 

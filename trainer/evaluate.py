@@ -144,6 +144,8 @@ def enroll_and_calibrate(cfg: RunConfig, head: AnomalyHead, loader: BatchLoader,
     Returns the detector calibration (None for a one-score head) and the calibration
     normals left for a threshold on the score.
     """
+    if head.learns_from_shots:  # the shots trained it (fit.shot_dataset draws the same ones)
+        return None, calib
     if not shots:
         head.clear_memory()
         return None, calib
@@ -183,7 +185,7 @@ def score_items(head: AnomalyHead, loader: BatchLoader, items: list[Item], batch
     scores, maps, labels, masks = [], [], [], []
     for s in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
         b = loader(items[s:s + batch_size])
-        score, amap = head(b.images.to(_device(head)))
+        score, amap = head(b.images.to(_device(head)), *[p.to(_device(head)) for p in b.planes])
         scores.append(score.float().cpu().numpy())
         maps.append(amap.float().cpu().numpy())
         labels.append(b.labels.numpy())
@@ -234,7 +236,7 @@ def _sheet(head: AnomalyHead, loader: BatchLoader, items: list[Item], scores: np
         return
     b = loader([items[i] for i in picks])
     with torch.no_grad():
-        _, maps = head(b.images.to(_device(head)))
+        _, maps = head(b.images.to(_device(head)), *[p.to(_device(head)) for p in b.planes])
     maps = maps.float().cpu()
     vmax = float(maps.max())
     tiles = []
@@ -257,7 +259,7 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
                      ckpt_params: dict, tag: str, seed: int | None = None) -> dict:
     """Every class of one target dataset; returns its section of metrics.json."""
     loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
-                         cfg.interpolation)
+                         cfg.interpolation, head.planes)
     test = spec.open(spec.split)
     needs_normals = cfg.shots > 0 or cfg.calibration["normals"] > 0
     train = spec.open("train") if spec.has_train_split and needs_normals else None
@@ -414,6 +416,10 @@ def evaluate_run(cfg: RunConfig, checkpoint: Path | None, out_dir: Path) -> dict
         raise ValueError(f"{cfg.source}: no target datasets under data.target to evaluate on")
     head = load_head(cfg, checkpoint)
     check_reference_normals(cfg, head)
+    if head.learns_from_shots and cfg.eval["shot_seeds"] and list(cfg.eval["shot_seeds"]) != [cfg.seed]:
+        raise ValueError(f"{cfg.method} learns from its shots: one training run per shot draw "
+                         f"(seed={cfg.seed} drew this run's); evaluate it without eval.shot_seeds "
+                         "and train once per seed for several draws")
     params = {k: v.detach().clone() for k, v in head.trainable_state().items()}
     work = _start_partial(out_dir)
     seeds = list(cfg.eval["shot_seeds"] or [cfg.seed]) if cfg.shots else [cfg.seed]

@@ -36,17 +36,18 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.store)
 
-    def features(self, keys: list[int], images: torch.Tensor,
-                 compute: Callable[[torch.Tensor], Features]) -> Features:
-        """Features of the batch ``images`` (sample ids ``keys``), computing only the missing
-        ones; returned on the images' device in float32, batch-first."""
+    def features(self, keys: list[int], images: torch.Tensor, compute: Callable[..., Features],
+                 planes: tuple[torch.Tensor, ...] = ()) -> Features:
+        """Features of the batch ``images`` (sample ids ``keys``; ``planes``: the batch's
+        further input planes), computing only the missing ones as ``compute(images,
+        *planes)``; returned on the images' device in float32, batch-first."""
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         fresh: Features = {}
         if missing:
             with torch.no_grad():
-                fresh = compute(images[missing])
+                fresh = compute(images[missing], *[p[missing] for p in planes])
             fresh = {n: t.detach().to(self.dtype) for n, t in fresh.items()}
             for j, i in enumerate(missing):
                 self._put(keys[i], {n: t[j] for n, t in fresh.items()})

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from edge_inspect.trainer.checkpoint import Checkpoint, atomic_write, save_checkpoint
 from edge_inspect.trainer.config import RunConfig, build_head
 from edge_inspect.trainer.data.batches import BatchLoader, StepBatches
+from edge_inspect.trainer.data.sample import ItemDataset, RecordDataset
 from edge_inspect.trainer.device import autocast, grad_scaler, resolve_device
 from edge_inspect.trainer.feature_cache import FeatureCache
 from edge_inspect.trainer.heads.base import AnomalyHead, TrainPhase
@@ -33,6 +34,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
 LOSS_PLOT = "loss.png"
 INIT_BATCHES = 4  # batches a head may look at before a phase starts (CMAD prototype init)
+SHOTS = "shots"  # the training set of a head that learns from the target's shots
 
 
 class RunDirError(ValueError):
@@ -104,6 +106,26 @@ def _truncate_log(log_file: Path, phase_names: list[str], phase: int, step: int)
     atomic_write(log_file, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep)))
 
 
+def shot_dataset(cfg: RunConfig) -> RecordDataset:
+    """The K shots of every target class, drawn as the evaluation draws them (same seed), so
+    a head that learns from its shots (PIRN) never sees the calibration or test images."""
+    from edge_inspect.trainer.evaluate import split_normals
+
+    if cfg.shots < 1 or not cfg.target_data:
+        raise ValueError(f"{cfg.source}: {cfg.method} trains on the target's shots: set shots >= 1 "
+                         "and list the target under data.target")
+    if cfg.train_data:
+        raise ValueError(f"{cfg.source}: {cfg.method} trains on the target's shots, not on "
+                         "auxiliary data; remove data.train")
+    items = []
+    for spec in cfg.target_data:
+        test = spec.open(spec.split)
+        train = spec.open("train") if spec.has_train_split else None
+        for cls in test.class_names:
+            items += split_normals(cfg, spec, test, train, cls)[0]
+    return ItemDataset(items, f"{cfg.shots} shots per class of {', '.join(s.name for s in cfg.target_data)}")
+
+
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     """Train the head the config describes; returns the checkpoint path.
 
@@ -116,9 +138,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     autocast(device, amp)  # refuses fp16 on the CPU before anything is written
     head = build_head(cfg).to(device)
     training = get_method(cfg.method).training
-    datasets = {d.name: d.open() for d in cfg.train_data}
-    for d in cfg.train_data:
-        log.info("auxiliary %s: %r", d.name, datasets[d.name])
+    if head.learns_from_shots:
+        datasets = {SHOTS: shot_dataset(cfg)}
+        log.info("training on the target's shots: %r", datasets[SHOTS])
+    else:
+        datasets = {d.name: d.open() for d in cfg.train_data}
+        for d in cfg.train_data:
+            log.info("auxiliary %s: %r", d.name, datasets[d.name])
     phases = training.phases(head, list(datasets), cfg.train)
     if phases and not datasets:
         raise ValueError(f"{cfg.source}: {cfg.method} trains on auxiliary data; list it under data.train")
@@ -136,7 +162,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         log.info("resuming at phase %d step %d", start_phase, start_step)
         _truncate_log(run_dir / LOG_FILE, [ph.name for ph in phases], start_phase, start_step)
     loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
-                         cfg.interpolation)
+                         cfg.interpolation, head.planes)
     log_file = run_dir / LOG_FILE
     on_gpu = device.type == "cuda"
     for p, phase in enumerate(phases):
@@ -166,16 +192,17 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         head.train()
         bar = tqdm(batches, total=total, initial=first, desc=f"train {phase.name}", unit="step")
         t0 = time.perf_counter()
-        for step, (images, labels, masks, keys) in enumerate(bar, start=first):
+        for step, (images, labels, masks, keys, planes) in enumerate(bar, start=first):
             images = images.to(device, non_blocking=True)
             labels, masks = labels.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            planes = tuple(p.to(device, non_blocking=True) for p in planes)
             with autocast(device, amp):
                 if cache is not None:
                     inputs = cache.features(keys.tolist(), images,
-                                            lambda x: training.frozen_features(head, x))
+                                            lambda *x: training.frozen_features(head, *x), planes)
                 else:
                     with torch.no_grad():
-                        inputs = training.frozen_features(head, images)
+                        inputs = training.frozen_features(head, images, *planes)
                 loss, parts = training.loss(head, inputs, labels, masks, phase)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at phase {phase.name} step "

@@ -109,20 +109,23 @@ class PatchMemory(nn.Module):
         q = self.embed(patches.reshape(-1, c))
         return self._nearest(q, self.bank, self.metric, self.chunk).reshape(b, n)
 
-    def fold_reference(self, grid: tuple[int, int]) -> torch.Tensor:
+    def fold_reference(self, grid: tuple[int, int], shots: int | None = None) -> torch.Tensor:
         """Typical image-max score of a normal image, from the shots alone.
 
         Each shot is cut into top and bottom halves; each half is scored against the memory
         without itself (so K = 1 still works) and its maximum kept. Returns the mean of
         those maxima: a scale for the memory's scores that needs no extra normal images.
+        ``shots``: only the first that many images of the memory (the unturned shots of a
+        memory that also holds turned copies); default all.
         """
-        bank = self.bank.reshape(self.shots, self.per_shot, -1)
+        shots = self.shots if shots is None else shots
+        bank = self.bank[:shots * self.per_shot].reshape(shots, self.per_shot, -1)
         rows = torch.arange(self.per_shot, device=bank.device) // grid[1]
         top = rows < grid[0] // 2
         maxima = []
-        for k in range(self.shots):
+        for k in range(shots):
             for half in (top, ~top):
-                keep = torch.ones(self.shots, self.per_shot, dtype=torch.bool, device=bank.device)
+                keep = torch.ones(shots, self.per_shot, dtype=torch.bool, device=bank.device)
                 keep[k, half] = False
                 d = self._nearest(bank[k, half], bank[keep], self.metric, self.chunk)
                 maxima.append(d.max())

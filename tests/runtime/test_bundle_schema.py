@@ -95,6 +95,9 @@ def _schema2(root: Path) -> dict:
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["inputs"][0].update(size=[-1, 248]), r"inputs\[0\] 'size' must be \[height, width\]"),
     (lambda m: m["inputs"][0].update(modality="thermal"), r"'modality' is 'thermal'; allowed"),
+    (lambda m: m["inputs"].append(dict(m["inputs"][0], name="xyz", modality="xyz", dtype="float32",
+                                       interpolation="bicubic")),
+     r"inputs\[1\] is a xyz plane with interpolation 'bicubic'; geometry takes"),
     (lambda m: m["outputs"][0].update(role="heat"), r"outputs\[0\] 'role' is 'heat'"),
     (lambda m: m["outputs"][1].update(role="score"), "exactly one output with role 'score'"),
     (lambda m: m.update(state=[{"name": "p", "input": "state.p", "output": "nope",

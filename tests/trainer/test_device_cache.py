@@ -38,8 +38,8 @@ def test_cached_features_give_the_recomputed_loss_curve(tmp_path, config, monkey
     seen = {}
     original = FeatureCache.features
 
-    def counting(self, keys, images, compute):
-        out = original(self, keys, images, compute)
+    def counting(self, keys, images, compute, planes=()):
+        out = original(self, keys, images, compute, planes)
         seen["hits"], seen["misses"] = self.hits, self.misses
         return out
 

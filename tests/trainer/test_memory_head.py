@@ -68,3 +68,43 @@ def test_memory_head_needs_its_reference_normals_and_refuses_an_old_memory(tmp_p
         MemoryHeadConfig(global_tail="normal")
     with pytest.raises(ValueError, match="head.local_share must be in"):
         MemoryHeadConfig(local_share=1.0)
+
+
+def test_shot_turns_put_each_shots_turned_patches_in_the_memory():
+    from edge_inspect.runtime.enrollment import quarter_turns as numpy_turns
+    from edge_inspect.trainer.heads.memory.model import quarter_turns
+
+    bb = TextureBackbone(248).eval()
+    shots = _batch("nominal", range(2), bb)
+    turned = quarter_turns(shots, 4)
+    assert turned.shape == (8, *shots.shape[1:])
+    # the torch-free enrollment turns (H, W, 3) frames the same way and in the same order
+    frames = shots.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(numpy_turns(frames, 4), turned.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(numpy_turns(frames, 2)[2:], frames[:, ::-1, ::-1])
+
+    plain = MemoryHead(bb, replace(TEXTURE_MEMORY, use_global=False, border_rings=0))
+    turns = MemoryHead(bb, replace(TEXTURE_MEMORY, use_global=False, border_rings=0, shot_turns=4))
+    plain.enroll(shots)
+    turns.enroll(shots)
+    assert turns.local.bank.shape[0] == 4 * plain.local.bank.shape[0]
+    # a shot turned by 90 degrees is in the turned memory, patch for patch; not in the plain one
+    quarter = shots.rot90(1, (-2, -1))
+    with torch.no_grad():
+        in_turns = turns.score_taps(bb.forward_taps(quarter, turns.taps))[1]
+        in_plain = plain.score_taps(bb.forward_taps(quarter, plain.taps))[1]
+    assert float(in_turns.abs().max()) < 1e-3 < float(in_plain[:, 2:-2, 2:-2].mean())
+    # the fold reference is the unturned shots': the same cosine memory gives the same scale
+    cos_plain = MemoryHead(bb, replace(TEXTURE_MEMORY, use_global=False, border_rings=0, metric="cosine"))
+    cos_turns = MemoryHead(bb, replace(TEXTURE_MEMORY, use_global=False, border_rings=0, metric="cosine",
+                                       shot_turns=4))
+    cos_plain.enroll(shots)
+    cos_turns.enroll(shots)
+    assert float(cos_turns.local_reference) == pytest.approx(float(cos_plain.local_reference), rel=1e-6)
+
+    with pytest.raises(ValueError, match="head.shot_turns must be one of"):
+        MemoryHeadConfig(shot_turns=3)
+    with pytest.raises(ValueError, match="needs a square input"):
+        MemoryHead(TextureBackbone((248, 128)), replace(TEXTURE_MEMORY, shot_turns=4))
+    with pytest.raises(ValueError, match="4 shot turns need square frames"):
+        numpy_turns(np.zeros((1, 8, 6, 3)), 4)

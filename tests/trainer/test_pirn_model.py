@@ -163,9 +163,14 @@ def test_head_scores_trains_only_the_decoder_and_can_be_rgb_only():
                  "layers.0.gat.w.weight", "layers.0.attend.normals.v.weight"):
         assert dict(head.named_parameters())[name].grad.abs().sum() > 0, name
     rgb_only = _head(modalities=("rgb",))
-    s1, _ = rgb_only(rgb, xyz)
-    s2, _ = rgb_only(rgb, None)
+    assert rgb_only.planes == () and head.planes == ("xyz",)
+    s1, _ = rgb_only(rgb)
+    s2, _, _ = rgb_only.forward_with_state(rgb, xyz)  # the geometry is not looked at
     torch.testing.assert_close(s1, s2)
+    with pytest.raises(ValueError, match=r"takes the planes \[\] after the RGB image, got 1"):
+        rgb_only(rgb, xyz)
+    with pytest.raises(ValueError, match=r"takes the planes \['xyz'\] after the RGB image, got 0"):
+        head(rgb)
     with pytest.raises(ValueError, match="needs the 3D plane"):
         head(rgb, None)
     with pytest.raises(ValueError, match="head.assignment 'sigmoid' unknown"):

@@ -21,15 +21,38 @@ class Batch:
     masks: torch.Tensor  # (B, H, W) uint8
     pictures: list[np.ndarray]  # fitted uint8 RGB, for overlays
     samples: list[Sample]
+    planes: tuple[torch.Tensor, ...] = ()  # the head's further planes (B, C, H, W) float32, raw
+
+
+# How a 3D plane fits the input: nearest neighbour only, so no point is ever blended with a
+# missing one or across a depth edge (the bundle declares the same for the runtime).
+GEOMETRY_INTERPOLATION = "nearest"
+GEOMETRY_PLANES = ("xyz", "depth")
+
+
+def sample_plane(sample: Sample, name: str) -> np.ndarray:
+    """A sample's raw 3D plane ``(H, W, C)`` float32: ``xyz`` (its point map) or ``depth``
+    (the point map's z, the depth of an organized cloud from a pinhole camera)."""
+    if name not in GEOMETRY_PLANES:
+        raise ValueError(f"input plane {name!r} unknown; choose one of {GEOMETRY_PLANES}")
+    if sample.xyz is None:
+        raise ValueError(f"{sample.path} has no 3D data, but the model takes a {name} plane: use "
+                         "an RGB-D dataset (mvtec3d or eyecandies with render: rgb, or rgbd_synthetic)")
+    return sample.xyz if name == "xyz" else sample.xyz[..., 2:3]
 
 
 class BatchLoader:
-    """Reads samples and fits them to the backbone's input (one place for both loops)."""
+    """Reads samples and fits them to the backbone's input (one place for both loops).
+
+    ``planes``: the further input planes a head takes after the RGB image (``xyz`` /
+    ``depth``), fitted like the image but with nearest-neighbour resampling, not normalized.
+    """
 
     def __init__(self, size: tuple[int, int], normalization: Normalization, fit_mode: str,
-                 interpolation: str = "bicubic") -> None:
+                 interpolation: str = "bicubic", planes: tuple[str, ...] = ()) -> None:
         self.size, self.normalization, self.fit_mode = size, normalization, fit_mode
         self.interpolation = interpolation
+        self.planes = tuple(planes)
 
     def __call__(self, items: list[tuple[RecordDataset, int]]) -> Batch:
         samples = [ds[i] for ds, i in items]
@@ -37,7 +60,12 @@ class BatchLoader:
         images = to_batch(pictures, self.size, self.normalization, self.fit_mode, self.interpolation)
         masks = np.stack([fit_mask(s.mask, self.size, self.fit_mode) for s in samples])
         labels = torch.tensor([s.label for s in samples])
-        return Batch(images, labels, torch.from_numpy(masks), pictures, samples)
+        planes = tuple(
+            torch.from_numpy(np.stack([fit_image(sample_plane(s, name), self.size, self.fit_mode,
+                                                 GEOMETRY_INTERPOLATION) for s in samples]))
+            .permute(0, 3, 1, 2).float().contiguous()
+            for name in self.planes)
+        return Batch(images, labels, torch.from_numpy(masks), pictures, samples, planes)
 
 
 SAMPLINGS = ("shuffle", "balanced")
@@ -93,8 +121,9 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 1 << 30  # indexed by step; the sampler bounds it
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images, labels, masks and the samples' ids (keys of the feature cache)."""
+    def __getitem__(self, step: int):
+        """Images, labels, masks, the samples' ids (keys of the feature cache) and the
+        further planes (a tuple, empty for RGB-only heads)."""
         idx = self.indices(step)
         b = self.loader([self.items[i] for i in idx])
-        return b.images, b.labels, b.masks, torch.tensor(idx)
+        return b.images, b.labels, b.masks, torch.tensor(idx), b.planes

@@ -3,7 +3,8 @@
 ``kind`` is one of :data:`KINDS`. Extra keys go to the dataset class (``categories`` for
 MVTec / VisA / MVTec 3D-AD / Eyecandies, ``render`` (rgb / depth / normals) for MVTec
 3D-AD and Eyecandies, ``kinds`` for textile, ``classes`` / ``per_class`` / ``size`` /
-``seed`` for synthetic). Kinds with a train split of normal images give the few-shot memory
+``seed`` for synthetic; ``count`` / ``size`` / ``seed`` / ``dropout`` for rgbd_synthetic, the
+generated RGB + point-cloud task). Kinds with a train split of normal images give the few-shot memory
 and the calibration normals from it; the others (``folder``, ``textile``) lend them from
 the test split's normal images, which are then left out of the evaluation.
 """
@@ -20,17 +21,20 @@ from edge_inspect.trainer.data.datasets import (
     TextileImages,
     VisA,
 )
+from edge_inspect.trainer.data.rgbd_synthetic import SyntheticRGBD
 from edge_inspect.trainer.data.sample import RecordDataset
 from edge_inspect.trainer.data.synthetic import SyntheticDefects
 
-KINDS = ("mvtec", "visa", "mvtec3d", "eyecandies", "folder", "textile", "synthetic")
-WITH_TRAIN_SPLIT = ("mvtec", "visa", "mvtec3d", "eyecandies", "synthetic")
+KINDS = ("mvtec", "visa", "mvtec3d", "eyecandies", "folder", "textile", "synthetic", "rgbd_synthetic")
+WITH_TRAIN_SPLIT = ("mvtec", "visa", "mvtec3d", "eyecandies", "synthetic", "rgbd_synthetic")
 OPTIONS = {
     "mvtec": ("categories",), "visa": ("categories",), "mvtec3d": ("categories", "render"),
     "eyecandies": ("categories", "render"),
     "folder": ("class_name",), "textile": ("kinds",),
     "synthetic": ("classes", "per_class", "size", "seed", "blob_radius"),
+    "rgbd_synthetic": ("count", "size", "seed", "dropout"),
 }
+GENERATED = ("textile", "synthetic", "rgbd_synthetic")  # no root folder
 
 
 @dataclass
@@ -57,7 +61,7 @@ class DatasetSpec:
         if unknown:
             raise ValueError(f"{where}: dataset {name!r} ({kind}) has unknown keys {sorted(unknown)}; "
                              f"allowed besides name/kind/root/split: {list(OPTIONS[kind])}")
-        if kind not in ("textile", "synthetic") and root is None:
+        if kind not in GENERATED and root is None:
             raise ValueError(f"{where}: dataset {name!r} ({kind}) needs a 'root' folder")
         return cls(name, kind, root, split, data)
 
@@ -98,6 +102,9 @@ class DatasetSpec:
             return FolderDataset(self.root, o.get("class_name"))
         if self.kind == "textile":
             return TextileImages(o.get("kinds", TextileImages.KINDS), self.root)
+        if self.kind == "rgbd_synthetic":
+            return SyntheticRGBD(split, o.get("count", 30), o.get("size", 112), o.get("seed", 0),
+                                 o.get("dropout", 0.0))
         return SyntheticDefects(split, tuple(o.get("classes", ("stripes",))),
                                 o.get("per_class", 32), o.get("size", 128), o.get("seed", 0),
                                 tuple(o.get("blob_radius", (10, 20))))

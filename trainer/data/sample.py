@@ -162,3 +162,15 @@ class RecordDataset:
         n_bad = int(self.labels.sum())
         return (f"{type(self).__name__}({self.name}: {len(self)} images, {n_bad} anomalous, "
                 f"classes {self.class_names})")
+
+
+class ItemDataset(RecordDataset):
+    """Chosen items ``(dataset, index)`` of other datasets as one dataset (a run's shots)."""
+
+    def __init__(self, items: list[tuple[RecordDataset, int]], name: str) -> None:
+        self.items = list(items)
+        super().__init__([ds.records[i] for ds, i in self.items], name)
+
+    def __getitem__(self, index: int) -> Sample:
+        ds, i = self.items[index]
+        return ds[i]

@@ -49,9 +49,10 @@ class MethodTraining:
                     batches: list[tuple[torch.Tensor, ...]]) -> None:
         """Called once before a phase's first step with its first batches (data-driven init)."""
 
-    def frozen_features(self, head: AnomalyHead, images: torch.Tensor):
+    def frozen_features(self, head: AnomalyHead, images: torch.Tensor, *planes: torch.Tensor):
         """What :meth:`loss` needs from the frozen backbone, computed without gradients:
-        ``{name: (B, ...)}`` when ``caches_features``; by default the images themselves."""
+        ``{name: (B, ...)}`` when ``caches_features``; by default the images themselves.
+        ``planes``: the head's further input planes (:attr:`AnomalyHead.planes`)."""
         return images
 
     def loss(self, head: AnomalyHead, inputs, labels: torch.Tensor,
@@ -82,17 +83,24 @@ class AnomalyHead(nn.Module):
     detectors: tuple[str, ...] = ()
     detector_shares: tuple[float, ...] = ()
     detector_tails: tuple[str, ...] = ()  # "conformal" or "gumbel" (runtime.calibration)
+    # Raw planes the head takes after the RGB image, in order (``xyz`` / ``depth``: PIRN's
+    # 3D plane); each is ``(B, C, H, W)`` float32 at the input size, not normalized.
+    planes: tuple[str, ...] = ()
+    # True when the K shots train the head (PIRN) instead of filling a memory: ``train``
+    # fits on the shots the evaluation draws, and the evaluation enrolls nothing.
+    learns_from_shots: bool = False
 
     def check_exportable(self) -> None:
         """Raise a ValueError naming the setting when this head cannot become a bundle."""
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 3, H, W)`` normalized images -> image scores ``(B,)`` and maps ``(B, H, W)``."""
-        score, amap, _ = self.forward_with_features(images)
+    def forward(self, images: torch.Tensor, *planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, H, W)`` normalized images (and the :attr:`planes`) -> image scores ``(B,)``
+        and maps ``(B, H, W)``."""
+        score, amap, _ = self.forward_with_features(images, *planes)
         return score, amap
 
     def forward_with_features(
-        self, images: torch.Tensor
+        self, images: torch.Tensor, *planes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Scores, maps, and the named features from which :meth:`enroll` builds the memory
         (export makes them graph outputs, so a bundle can be enrolled without torch)."""

@@ -23,6 +23,7 @@ def recipe(head: MemoryHead) -> dict:
             "window": c.window, "stride": c.stride, "grid": list(head.backbone.grid),
             "global_detector": c.global_detector, "reference_images": head.reference_normals,
             "border_rings": c.border_rings, "border_quantile": c.border_quantile,
+            "shot_turns": c.shot_turns,
             "detectors": list(head.detectors), "detector_shares": list(head.detector_shares),
             "detector_tails": list(head.detector_tails)}
 

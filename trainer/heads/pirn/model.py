@@ -67,6 +67,7 @@ from torch import nn
 
 from edge_inspect.trainer.backbones.base import Backbone
 from edge_inspect.trainer.geometry import SurfaceNormals
+from edge_inspect.trainer.heads.base import AnomalyHead
 from edge_inspect.trainer.smoothing import GaussianSmoothing
 
 ASSIGNMENTS = ("ot", "softmax")
@@ -239,20 +240,23 @@ class DecoderLayer(nn.Module):
         return out, refined
 
 
-class PirnHead(nn.Module):
+class PirnHead(AnomalyHead):
     """Two frozen encoders + the prototype decoder; ``forward(rgb, geometry)`` gives
     ``(image_score (B,), anomaly_map (B, H, W))``.
 
     ``rgb``: ``(B, 3, H, W)`` normalized as the RGB encoder expects; ``geometry``: the raw
-    3D plane (``(B, 3, H, W)`` xyz or ``(B, 1, H, W)`` depth; ignored when ``modalities``
-    is ``(rgb,)``).
+    3D plane (``(B, 3, H, W)`` xyz or ``(B, 1, H, W)`` depth), the head's one further plane
+    (:attr:`planes`) when ``modalities`` has normals; none for ``(rgb,)``. Few-shot: the K
+    shots train the codebook and decoder (``learns_from_shots``); there is no memory.
     """
 
     method = "pirn"
+    learns_from_shots = True
 
     def __init__(self, encoders: dict[str, Backbone], cfg: PirnConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.planes = (cfg.geometry,) if "normals" in cfg.modalities else ()
         missing = set(cfg.modalities) - set(encoders)
         if missing:
             raise ValueError(f"PIRN needs an encoder per modality; missing {sorted(missing)}")
@@ -328,6 +332,10 @@ class PirnHead(nn.Module):
         amap = self.to_map(encoded, reconstructed, tuple(rgb.shape[-2:]))
         return amap.flatten(1).amax(dim=1), amap, refined
 
-    def forward(self, rgb: torch.Tensor, geometry: torch.Tensor | None = None):
-        score, amap, _ = self.forward_with_state(rgb, geometry)
-        return score, amap
+    def forward_with_features(self, rgb: torch.Tensor, *planes: torch.Tensor):
+        """Score and map; no memory features (the shots trained the head)."""
+        if len(planes) != len(self.planes):
+            raise ValueError(f"PIRN with modalities {list(self.cfg.modalities)} takes the planes "
+                             f"{list(self.planes)} after the RGB image, got {len(planes)}")
+        score, amap, _ = self.forward_with_state(rgb, planes[0] if planes else None)
+        return score, amap, {}
