@@ -76,6 +76,9 @@ def run_seed(cfg: RunConfig, head, loader: BatchLoader, test, seed: int, before:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first", type=int, default=0,
+                        help="first seed (draws never looked at while choosing settings); "
+                             "results then go to textile_operating_point_from<first>.*")
     parser.add_argument("--before", action="store_true",
                         help="the model before issue 13 (window Gaussian, one threshold)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -91,7 +94,7 @@ def main() -> None:
                          cfg.interpolation)
     test = cfg.target_data[0].open()
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first, args.first + args.seeds):
         rows.append(run_seed(cfg, head, loader, test, seed, args.before))
         print({k: v for k, v in rows[-1].items() if k != "detector_thresholds"}, flush=True)
     keys = ("test_false_alarm_rate", "miss_local", "miss_global", "auroc_local", "auroc_global",
@@ -110,9 +113,11 @@ def main() -> None:
               "machine": platform.processor() or platform.machine(), "rows": rows, "worst": worst,
               "target": TARGET, "target_met": met}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "textile_operating_point" + ("_before" if args.before else "")
+    stem = ("textile_operating_point" + ("_before" if args.before else "")
+            + (f"_from{args.first}" if args.first else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    flags = f" --seeds {args.seeds}" + (" --before" if args.before else "")
+    flags = (f" --seeds {args.seeds}" + (f" --first {args.first}" if args.first else "")
+             + (" --before" if args.before else ""))
     lines = [f"Textile images, texture backbone + memory, K = {cfg.shots} shots, {normals} held-out "
              f"normals ({how}), {rate:.0%} false-alarm target; per seed (shot draw).",
              f"Command: `python benchmarks/textile_operating_point.py{flags}`", "",

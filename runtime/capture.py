@@ -105,10 +105,10 @@ class CaptureStore:
         scale = max(float(heat.max()), 1e-12)
         colour = cv2.applyColorMap(np.uint8(255 * np.clip(heat / scale, 0, 1)), cv2.COLORMAP_JET)
         cv2.imwrite(str(tmp / "overlay.png"), cv2.addWeighted(bgr, 0.55, colour, 0.45, 0))
-        for name, plane in (geometry or {}).items():
-            tifffile.imwrite(tmp / f"{name}.tiff", np.ascontiguousarray(plane, np.float32),
+        for plane_name, plane in (geometry or {}).items():
+            tifffile.imwrite(tmp / f"{plane_name}.tiff", np.ascontiguousarray(plane, np.float32),
                              photometric="rgb" if plane.shape[-1] == 3 else "minisblack")
-            cv2.imwrite(str(tmp / f"{name}.png"), depth_preview(plane))
+            cv2.imwrite(str(tmp / f"{plane_name}.png"), depth_preview(plane))
         (tmp / "header.json").write_text(json.dumps({**header, "received_unix_ns": received_ns}, indent=2))
         for f in tmp.iterdir():
             os.chmod(f, 0o640)

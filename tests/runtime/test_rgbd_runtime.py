@@ -148,10 +148,13 @@ def test_captures_keep_both_planes_of_an_anomalous_rgbd_frame(tmp_path):
     store = CaptureStore(tmp_path / "cap")
     sink = CaptureSink(store)
     heat = np.zeros((8, 8), np.float16)
-    sink.publish(Result("d", 7, 0, 2.0, True, 1.0, "m", {}, heat, {"image": image, "xyz": xyz}))
-    sink.publish(Result("d", 8, 0, 0.5, False, 1.0, "m", {}, heat, {"image": image, "xyz": xyz}))
+    for seq, score in ((7, 2.0), (8, 0.5), (9, 3.0)):  # 8 is normal: not captured
+        sink.publish(Result("d", seq, 0, score, score > 1, 1.0, "m", {}, heat,
+                            {"image": image, "xyz": xyz}))
     sink.flush()
-    (capture,) = (tmp_path / "cap" / "d").iterdir()
+    captures = sorted((tmp_path / "cap" / "d").iterdir())
+    assert [p.name[-8:] for p in captures] == ["00000007", "00000009"]  # one folder per capture
+    capture = captures[0]
     assert sorted(p.name for p in capture.iterdir()) == ["frame.png", "header.json", "overlay.png",
                                                          "xyz.png", "xyz.tiff"]
     np.testing.assert_array_equal(cv2.imread(str(capture / "frame.png"))[..., ::-1], image)
