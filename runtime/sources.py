@@ -82,24 +82,34 @@ class FolderSource(Source):
         self.stop = stop or threading.Event()
         self.unreadable: set[Path] = set()
 
+    def read(self, path: Path) -> dict[str, np.ndarray]:
+        return {"rgb": read_rgb(path)}
+
     def __iter__(self) -> Iterator[Frame]:
-        pacer = Pacer(self.fps, self.stop)
-        while True:
-            for path in self.files:
-                if not pacer.wait():
-                    return
-                try:
-                    frame = read_rgb(path)
-                except ValueError as exc:  # a bad file in a replay folder is not fatal
-                    self._event("unreadable_image")  # counted every time, logged once per file
-                    if path not in self.unreadable:
-                        self.unreadable.add(path)
-                        log.warning("skipping %s (logged once; every skip is counted in "
-                                    "edge_inspect_source_events_total)", exc)
-                    continue
-                yield {"rgb": frame}, time.monotonic_ns()
-            if not self.loop:
+        return replay(self, self.files)
+
+
+def replay(source, items: list) -> Iterator[Frame]:
+    """Frames of ``source.read(item)`` for each item at ``source.fps``, looping with
+    ``source.loop``; an item that cannot be read is skipped and counted
+    (``unreadable_image``), logged once per item: a bad file in a replay is not fatal."""
+    pacer = Pacer(source.fps, source.stop)
+    while True:
+        for item in items:
+            if not pacer.wait():
                 return
+            try:
+                planes = source.read(item)
+            except ValueError as exc:
+                source._event("unreadable_image")
+                if item not in source.unreadable:
+                    source.unreadable.add(item)
+                    log.warning("skipping %s (logged once; every skip is counted in "
+                                "edge_inspect_source_events_total)", exc)
+                continue
+            yield planes, time.monotonic_ns()
+        if not source.loop:
+            return
 
 
 class SyntheticSource(Source):
@@ -230,26 +240,13 @@ class RGBDFolderSource(Source):
             raise ValueError(f"no rgb/<name>.png + xyz/<name>.tiff pairs under {root}")
         self.fps, self.loop = fps, loop
         self.stop = stop or threading.Event()
-        self.unreadable: set[Path] = set()
+        self.unreadable: set = set()
+
+    def read(self, pair: tuple[Path, Path]) -> dict[str, np.ndarray]:
+        return {"rgb": read_rgb(pair[0]), "xyz": read_xyz(pair[1])}
 
     def __iter__(self) -> Iterator[Frame]:
-        pacer = Pacer(self.fps, self.stop)
-        while True:
-            for image, xyz in self.pairs:
-                if not pacer.wait():
-                    return
-                try:
-                    planes = {"rgb": read_rgb(image), "xyz": read_xyz(xyz)}
-                except ValueError as exc:
-                    self._event("unreadable_image")
-                    if image not in self.unreadable:
-                        self.unreadable.add(image)
-                        log.warning("skipping %s (logged once; every skip is counted in "
-                                    "edge_inspect_source_events_total)", exc)
-                    continue
-                yield planes, time.monotonic_ns()
-            if not self.loop:
-                return
+        return replay(self, self.pairs)
 
 
 class SyntheticRGBDSource(Source):

@@ -90,7 +90,7 @@ def test_shots_train_it_and_stay_out_of_calibration_and_test(pirn_runs, tmp_path
     assert row["shots"] == trained_on and len(trained_on) == cfg.shots
     # shots come from the train split; every test image is from the test split
     assert all("/train/" in s for s in trained_on) and row["n_test"] == 150
-    assert row["calibration"]["false_alarm"]["n_normal"] == 40
+    assert row["calibration"]["false_alarm"]["n_normal"] == 100
     assert (tmp_path / "eval" / "enrolled" / "rgbd-sheet.safetensors").exists()
     with pytest.raises(ValueError, match="one training run per shot draw"):
         evaluate_run(RunConfig.from_yaml(CONFIG, ["eval.shot_seeds=[1, 2]"]),
