@@ -55,12 +55,15 @@ def _infer(engine, paths: list[Path], outputs: list[str], batch: int,
            turns: int = 1) -> dict[str, np.ndarray]:
     """Outputs for the frames of ``paths`` (and their :func:`quarter_turns`, all turn-0 frames
     first, as the trainer orders them)."""
-    frames = _frames(paths, engine.bundle)
+    # images are read a batch at a time; turned shots (a few images) are read at once
     if turns > 1:
-        frames = quarter_turns(frames, turns)
+        turned = quarter_turns(_frames(paths, engine.bundle), turns)
+        batches = (turned[s:s + batch] for s in range(0, len(turned), batch))
+    else:
+        batches = (_frames(paths[s:s + batch], engine.bundle) for s in range(0, len(paths), batch))
     parts: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
-    for s in range(0, len(frames), batch):
-        out = engine.infer({engine.bundle.image.name: frames[s:s + batch]}, outputs)
+    for frames in batches:
+        out = engine.infer({engine.bundle.image.name: frames}, outputs)
         for k in outputs:
             parts[k].append(out[k])
     return parts
