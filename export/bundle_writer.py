@@ -6,6 +6,13 @@ dynamic batch and memory rows), run torch and ONNX Runtime (CPU, fp32) on real i
 refuse to write unless image scores agree within 1e-4 and maps within 1e-3, then write
 ``model.onnx``, ``memory.npz``, ``parity.json`` and ``manifest.json`` (sha256 of every file)
 into a temporary folder renamed into place: a failed export leaves nothing behind.
+
+``carry_state`` (``--carry-state``; PIRN) exports the head's carried state as a graph input
+and output and declares it in the manifest (``state``: initial value in ``state.npz``,
+scope camera, reset on reload / sequence restart / command, ``gate: normal``: carried only
+from frames scored at or below the threshold, so the checkpoint must be calibrated). The
+parity check then runs two steps: from the initial state, and from the state the first
+step returned (scores, maps and the next state compared).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from edge_inspect.trainer.heads.registry import get_method
 log = logging.getLogger(__name__)
 OPSET = 17
 SCORE_TOL, MAP_TOL = 1e-4, 1e-3
+STATE_TOL = 1e-3
 
 
 class ParityError(RuntimeError):
@@ -79,8 +87,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _check_carry_state(head, ckpt, checkpoint: Path, memory: dict) -> None:
+    if head.carried_state is None:
+        raise ValueError(f"--carry-state: the {head.method} head carries no state between frames "
+                         "(only PIRN's prototypes do); export without it")
+    if memory:
+        raise ValueError(f"--carry-state: a {head.method} head with a few-shot memory cannot carry state")
+    if not getattr(head.cfg, "carried_training", False):
+        raise ValueError("--carry-state: this head was trained from its codebook only, and such a "
+                         "decoder scores normal frames from carried prototypes as anomalies; train "
+                         "with head.carried_training: true to export it with carried state")
+    if ckpt.calibration is None:
+        raise ValueError(f"--carry-state carries the state only from frames scored normal, which "
+                         f"needs a threshold, and {checkpoint} has none: export the calibrated "
+                         "checkpoint that `edge-inspect eval` writes (<run>/eval-<K>shot/enrolled/)")
+
+
 def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
-                  images: Path | None = None, parity_count: int = 8) -> Path:
+                  images: Path | None = None, parity_count: int = 8,
+                  carry_state: bool = False) -> Path:
     """Export a run's head as a bundle at ``out``; returns ``out``."""
     run_dir, out = Path(run_dir), Path(out)
     refuse_existing(out)  # before the expensive part; staged_bundle checks again
@@ -94,6 +119,8 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
                          "enrolled checkpoint (eval writes them: "
                          f"{run_dir}/eval-<K>shot/enrolled/<dataset>-<class>.safetensors)")
     memory = {k: v.detach().float().contiguous() for k, v in head.memory_state().items()}
+    if carry_state:
+        _check_carry_state(head, ckpt, checkpoint, memory)
     h, w = head.backbone.input_size
     raw_images, raw_planes = parity_images(cfg, images, parity_count, head.planes)
     pictures = [fit_image(im, (h, w), cfg.fit_mode, cfg.interpolation) for im in raw_images]
@@ -106,9 +133,10 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
     plane_batch = tuple(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() for a in plane_frames.values())
     with torch.no_grad():
         want_score, want_map, want_feats = head.forward_with_features(batch, *plane_batch)
+    steps = _state_steps(head, batch, plane_batch) if carry_state else []
     feature_names = sorted(want_feats)
     axes = batch_axes(head, batch, plane_batch)
-    graph = ExportGraph(head, list(memory), feature_names).eval()
+    graph = ExportGraph(head, list(memory), feature_names, carry_state).eval()
     example = [torch.from_numpy(a[:2].copy()) for a in (frames, *plane_frames.values())]
     if frames.shape[0] < 2:
         example = [e.repeat(2, 1, 1, 1) for e in example]
@@ -116,6 +144,13 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
     output_names = ["image_score", "anomaly_map"] + [f"feature.{k}" for k in feature_names]
     dynamic = {"image": {0: "batch"}, "image_score": {0: "batch"}, "anomaly_map": {0: "batch"}}
     dynamic |= {name: {0: "batch"} for name in head.planes}
+    state_inputs = []
+    if carry_state:
+        name = head.carried_state
+        input_names.append(f"state.{name}")
+        output_names.append(f"next.{name}")
+        dynamic |= {f"state.{name}": {0: "batch"}, f"next.{name}": {0: "batch"}}
+        state_inputs = [steps[0][0][:2]]
     for k in feature_names:
         dynamic[f"feature.{k}"] = {axes[k]: "batch"}
     for k, v in memory.items():
@@ -127,7 +162,8 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (*example, *memory.values()), str(model_path), opset_version=OPSET,
+            torch.onnx.export(graph, (*example, *memory.values(), *state_inputs), str(model_path),
+                              opset_version=OPSET,
                               dynamo=False, input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic, do_constant_folding=True)
         head.load_memory_state(memory)  # export bound graph inputs into the head: restore
@@ -136,26 +172,38 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
         if memory:
             np.savez(tmp / "memory.npz", **{k: v.numpy() for k, v in memory.items()})
             files.append("memory.npz")
+        if carry_state:
+            np.savez(tmp / "state.npz", **{head.carried_state: head.initial_state().float().numpy()})
+            files.append("state.npz")
+        # a carried-state graph, fed the initial state, is the stateless model
+        initial = {f"state.{head.carried_state}": steps[0][0].numpy()} if carry_state else {}
         report = _parity(tmp, files, {"image": frames} | plane_frames, want_score.numpy(),
-                         want_map.numpy(), cfg, memory)
+                         want_map.numpy(), cfg, memory, initial)
+        if carry_state:
+            carried = _state_parity(tmp, {"image": frames} | plane_frames, head.carried_state, steps)
+            passed = report["passed"] and carried["passed"]
+            report |= carried
+            report["passed"] = passed
         (tmp / "parity.json").write_text(json.dumps(report, indent=2))
         files.append("parity.json")
         if not report["passed"]:
+            state = (f", carried state max diff {report['state_max_abs_diff']:.3g} (limit {STATE_TOL})"
+                     if carry_state else "")
             raise ParityError(f"exported graph disagrees with torch: score max diff "
                               f"{report['score_max_abs_diff']:.3g} (limit {SCORE_TOL}), map max diff "
-                              f"{report['map_max_abs_diff']:.3g} (limit {MAP_TOL}); no bundle written")
+                              f"{report['map_max_abs_diff']:.3g} (limit {MAP_TOL}){state}; no bundle written")
         manifest = _manifest(cfg, ckpt, checkpoint, head, memory, want_feats, axes, files, tmp,
-                             {k: v.shape[-1] for k, v in plane_frames.items()})
+                             {k: v.shape[-1] for k, v in plane_frames.items()}, carry_state)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
 
 def _parity(folder: Path, files: list[str], planes: dict[str, np.ndarray], want_score: np.ndarray,
-            want_map: np.ndarray, cfg: RunConfig, memory: dict) -> dict:
+            want_map: np.ndarray, cfg: RunConfig, memory: dict, state: dict | None = None) -> dict:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = planes | {f"memory.{k}": v.numpy() for k, v in memory.items()}
+    feeds = planes | {f"memory.{k}": v.numpy() for k, v in memory.items()} | (state or {})
     got_score, got_map = sess.run(["image_score", "anomaly_map"], feeds)
     ds = float(np.abs(got_score - want_score).max())
     dm = float(np.abs(got_map - want_map).max())
@@ -165,6 +213,36 @@ def _parity(folder: Path, files: list[str], planes: dict[str, np.ndarray], want_
             "score_tolerance": SCORE_TOL, "map_tolerance": MAP_TOL,
             "passed": bool(ds <= SCORE_TOL and dm <= MAP_TOL),
             "torch_scores": want_score.tolist(), "onnx_scores": got_score.tolist()}
+
+
+def _state_steps(head, batch: torch.Tensor, planes: tuple[torch.Tensor, ...]) -> list[tuple]:
+    """Torch's two carried steps: ``(state in, score, map, state out)`` from the initial
+    state, then from the state the first step returned."""
+    state = head.initial_state()[None].expand(batch.shape[0], *head.initial_state().shape).contiguous()
+    steps = []
+    with torch.no_grad():
+        for _ in range(2):
+            score, amap, nxt = head.forward_carried(batch, *planes, state=state)
+            steps.append((state, score, amap, nxt))
+            state = nxt
+    return steps
+
+
+def _state_parity(folder: Path, planes: dict[str, np.ndarray], name: str, steps: list[tuple]) -> dict:
+    """Both carried steps through ONNX Runtime, each fed the state torch fed."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    ds = dm = dstate = 0.0
+    for state, score, amap, nxt in steps:
+        feeds = planes | {f"state.{name}": state.numpy()}
+        got = sess.run(["image_score", "anomaly_map", f"next.{name}"], feeds)
+        ds = max(ds, float(np.abs(got[0] - score.numpy()).max()))
+        dm = max(dm, float(np.abs(got[1] - amap.numpy()).max()))
+        dstate = max(dstate, float(np.abs(got[2] - nxt.numpy()).max()))
+    return {"state_steps": len(steps), "state_score_max_abs_diff": ds, "state_map_max_abs_diff": dm,
+            "state_max_abs_diff": dstate, "state_tolerance": STATE_TOL,
+            "passed": bool(ds <= SCORE_TOL and dm <= MAP_TOL and dstate <= STATE_TOL)}
 
 
 def _geometry_input(name: str, channels: int, size: tuple[int, int], fit: str) -> dict:
@@ -178,7 +256,7 @@ def _geometry_input(name: str, channels: int, size: tuple[int, int], fit: str) -
 
 def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats: dict,
               axes: dict[str, int], files: list[str], folder: Path,
-              plane_channels: dict[str, int]) -> dict:
+              plane_channels: dict[str, int], carry_state: bool = False) -> dict:
     """Schema 2 (runtime/bundle.py): input planes, outputs with roles, state, memory recipe."""
     h, w = head.backbone.input_size
     norm = head.backbone.normalization
@@ -191,6 +269,16 @@ def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats:
         shape[axes[k]] = "batch"
         outputs.append({"name": f"feature.{k}", "role": "feature", "shape": shape, "dtype": "float32",
                         "meaning": f"features the few-shot memory is built from ({cfg.method} enroll)"})
+    state = []
+    if carry_state:
+        name, initial = head.carried_state, head.initial_state()
+        outputs.append({"name": f"next.{name}", "role": "state", "shape": ["batch", *initial.shape],
+                        "dtype": "float32", "meaning": f"the {name} refined from this frame: the next "
+                        "frame's starting ones when this frame is scored normal"})
+        state.append({"name": name, "input": f"state.{name}", "output": f"next.{name}",
+                      "initial": {"file": "state.npz", "array": name, "dtype": "float32"},
+                      "scope": "camera", "reset": ["reload", "sequence_restart", "command"],
+                      "gate": "normal"})
     recipe = get_method(cfg.method).memory_recipe
     return {
         "schema_version": SCHEMA_VERSION,
@@ -206,7 +294,7 @@ def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats:
                   + [_geometry_input(name, plane_channels[name], (h, w), cfg.fit_mode)
                      for name in head.planes],
         "outputs": outputs,
-        "state": [],
+        "state": state,
         "memory": ({"file": "memory.npz", "arrays": {k: list(v.shape) for k, v in memory.items()},
                     "inputs": [f"memory.{k}" for k in memory],
                     "recipe": recipe(head) if recipe else None} if memory else None),

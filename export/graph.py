@@ -8,7 +8,9 @@ size. Few-shot memories are graph *inputs* (``memory.<name>``), fed from the bun
 planes (``head.planes``: PIRN's ``xyz`` / ``depth``) are inputs after the image, float32
 ``(B, H, W, C)`` as the camera measured them; what the model derives from them (surface
 normals) is computed in the graph. The features the
-memory is built from are extra outputs (``feature.<name>``). Positional embeddings, text
+memory is built from are extra outputs (``feature.<name>``). A head's carried state (PIRN's
+prototypes, ``carry_state``) is the last input (``state.<name>``) and the last output
+(``next.<name>``). Positional embeddings, text
 features (AF-CLIP), the Gaussian kernels and the map smoothing are constants or ops inside
 the graph, identical to the torch evaluation (the parity gate checks it).
 """
@@ -24,8 +26,10 @@ from edge_inspect.trainer.heads.base import AnomalyHead
 class ExportGraph(nn.Module):
     """Wraps a head for ``torch.onnx.export``; ``memory_names`` order the memory inputs."""
 
-    def __init__(self, head: AnomalyHead, memory_names: list[str], feature_names: list[str]) -> None:
+    def __init__(self, head: AnomalyHead, memory_names: list[str], feature_names: list[str],
+                 carry_state: bool = False) -> None:
         super().__init__()
+        self.carry_state = carry_state
         self.head = head.eval()
         head.freeze_constants()
         self.memory_names = list(memory_names)
@@ -36,14 +40,16 @@ class ExportGraph(nn.Module):
 
     def forward(self, image: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``image`` uint8 NHWC, then one float32 NHWC input per ``head.planes``, then the
-        memory tensors in ``memory_names`` order."""
+        memory tensors in ``memory_names`` order, then the carried state when ``carry_state``."""
         n = len(self.head.planes)
         planes = [p.permute(0, 3, 1, 2).float() for p in inputs[:n]]
-        memory = inputs[n:]
+        memory = inputs[n:n + len(self.memory_names)]
         x = image.permute(0, 3, 1, 2).float() / 255.0
         x = (x - self.mean) / self.std
         if self.memory_names:
             self.head.load_memory_state(dict(zip(self.memory_names, memory, strict=True)))
+        if self.carry_state:  # a stateful head has no memory features (checked by the exporter)
+            return self.head.forward_carried(x, *planes, state=inputs[-1])
         score, amap, features = self.head.forward_with_features(x, *planes)
         return (score, amap, *[features[k] for k in self.feature_names])
 

@@ -11,7 +11,9 @@ and the runtime:
 * ``outputs``: name, **role** (``score``, ``map``, ``feature``, ``state``), shape, dtype; the
   runtime finds the score and the map by role, never by name;
 * ``state``: tensors an engine carries between frames of one camera (input name, output
-  name, initial value, scope ``camera``, reset rules);
+  name, initial value, scope ``camera``, reset rules, and ``gate``: ``always`` carries every
+  frame's output, ``normal`` only that of frames scored at or below the bundle's threshold,
+  which such a bundle must then have);
 * ``memory``: the arrays file, and the enrollment **recipe** with its parameters (so
   ``enroll`` needs no trainer config), with optional per-category banks;
 * threshold and how it was calibrated, method, backbone, resolved config, sha256 of every
@@ -53,6 +55,7 @@ LAYOUTS = ("NHWC",)
 DTYPES = ("uint8", "uint16", "float16", "float32")
 RESET_RULES = ("reload", "sequence_restart", "command")
 STATE_SCOPES = ("camera",)
+STATE_GATES = ("always", "normal")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -142,6 +145,7 @@ class StateSpec:
     initial: np.ndarray = field(compare=False)
     scope: str = "camera"
     reset: tuple[str, ...] = RESET_RULES
+    gate: str = "always"  # "normal": carried only from frames scored <= the threshold
 
 
 @dataclass
@@ -242,9 +246,12 @@ class Bundle:
         if len(batch) != 1:
             raise BundleError(f"planes of one batch must hold the same number of frames, got "
                               f"{ {k: v.shape[0] for k, v in out.items()} }")
-        for s in self.state:
-            if s.input in planes:
-                out[s.input] = np.ascontiguousarray(planes[s.input])
+        (n,) = batch
+        for s in self.state:  # a caller that keeps no state gets every frame from the initial one
+            value = planes.get(s.input)
+            if value is None:
+                value = np.broadcast_to(s.initial, (n, *s.initial.shape))
+            out[s.input] = np.ascontiguousarray(value)
         return out | {f"memory.{k}": v for k, v in self.memory_for(category).items()}
 
 
@@ -367,7 +374,8 @@ def _state(root: Path, path: Path, raw: object, i: int, files: dict) -> StateSpe
     if bad:
         f.fail(f"'reset' has unknown rules {bad}; allowed: {list(RESET_RULES)}")
     return StateSpec(f.get("name", str), f.get("input", str), f.get("output", str), initial,
-                     f.choice("scope", STATE_SCOPES, "camera"), tuple(reset))
+                     f.choice("scope", STATE_SCOPES, "camera"), tuple(reset),
+                     f.choice("gate", STATE_GATES, "always"))
 
 
 def upgrade_schema_1(manifest: dict) -> dict:
@@ -486,6 +494,9 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     for s in state:
         if s.output not in state_outputs:
             top.fail(f"state {s.name!r} reads output {s.output!r}, which is not an output with role 'state'")
+        if s.gate == "normal" and manifest.get("threshold") is None:
+            top.fail(f"state {s.name!r} is carried only from frames scored normal (gate: normal), "
+                     "but the bundle has no threshold; export a calibrated checkpoint")
     memory: dict[str, np.ndarray] = {}
     categories: dict[str, dict[str, np.ndarray]] = {}
     if memory_spec is not None:

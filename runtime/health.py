@@ -1,8 +1,11 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` over HTTP, from a daemon thread.
+"""``/metrics``, ``/healthz`` and ``/readyz`` over HTTP, and control commands, from a daemon
+thread.
 
-Bound to 127.0.0.1 by default (expose it deliberately). ``/healthz`` answers 200 while the
-process runs; ``/readyz`` answers 200 only when every readiness check passes (engine warm,
-cameras fresh) and 503 with the failing checks as JSON otherwise.
+Bound to 127.0.0.1 by default (expose it deliberately: the control commands act on the
+running service). ``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200
+only when every readiness check passes (engine warm, cameras fresh) and 503 with the
+failing checks as JSON otherwise. Commands are POSTs to their path with query parameters
+(``POST /state/reset?camera=cam0``); each answers JSON with its status code.
 """
 
 from __future__ import annotations
@@ -11,17 +14,20 @@ import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 ReadyCheck = Callable[[], dict[str, bool]]
+# a control command: query parameters -> (HTTP status, JSON-able answer)
+Command = Callable[[dict[str, str]], tuple[int, dict]]
 
 
 class HealthServer:
     """Serves one registry and one readiness check; ``port=0`` picks a free port."""
 
     def __init__(self, registry: CollectorRegistry, ready: ReadyCheck, host: str = "127.0.0.1",
-                 port: int = 9108) -> None:
+                 port: int = 9108, commands: dict[str, Command] | None = None) -> None:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,8 +40,20 @@ class HealthServer:
                     checks = owner.ready()
                     ok = bool(checks) and all(checks.values())
                     self._send(200 if ok else 503, json.dumps(checks).encode(), "application/json")
+                elif self.path.split("?")[0] in owner.commands:
+                    self._send(405, b"control commands are POST requests\n", "text/plain")
                 else:
                     self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+            def do_POST(self) -> None:  # noqa: N802
+                url = urlsplit(self.path)
+                command = owner.commands.get(url.path)
+                if command is None:
+                    known = ", ".join(sorted(owner.commands)) or "none"
+                    self._send(404, f"no command {url.path}; commands: {known}\n".encode(), "text/plain")
+                    return
+                code, answer = command(dict(parse_qsl(url.query)))
+                self._send(code, json.dumps(answer).encode() + b"\n", "application/json")
 
             def _send(self, code: int, body: bytes, ctype: str) -> None:
                 self.send_response(code)
@@ -47,7 +65,7 @@ class HealthServer:
             def log_message(self, *args) -> None:  # keep scrapes out of the logs
                 pass
 
-        self.registry, self.ready = registry, ready
+        self.registry, self.ready, self.commands = registry, ready, dict(commands or {})
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)

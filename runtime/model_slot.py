@@ -6,6 +6,10 @@ carries between frames of one camera). The pipeline takes ``slot.current`` once 
 and hands the same object to the publish stage, so a batch is scored, thresholded and
 labelled by one model even if a swap happens meanwhile. :meth:`ModelSlot.swap` replaces the
 model between batches and resets every camera's state (hot reload builds on it).
+
+A state with ``gate: normal`` is carried only from frames whose score is at or below the
+serving threshold: an anomalous frame leaves its camera's state as it was, so a defect
+never becomes the reference the next frames are judged against.
 """
 
 from __future__ import annotations
@@ -58,21 +62,28 @@ class ModelSlot:
                     for s in model.bundle.state}
 
     def keep_state(self, model: ServingModel, cameras: list[str], outputs: dict[str, np.ndarray]) -> None:
-        """Store each camera's state outputs as its next state inputs (if ``model`` still serves)."""
+        """Store each camera's state outputs as its next state inputs (if ``model`` still
+        serves); a ``gate: normal`` state only from frames scored at or below the threshold."""
         if not model.bundle.state:
             return
+        gated = any(s.gate == "normal" for s in model.bundle.state)
+        scores = outputs[model.bundle.score_output] if gated else None
         with self._lock:
             if model is not self.current:  # swapped meanwhile: the old model's state is void
                 return
             for i, cam in enumerate(cameras):
-                self._state[cam] = {s.input: np.array(outputs[s.output][i]) for s in model.bundle.state}
+                normal = gated and model.threshold is not None and float(scores[i]) <= model.threshold
+                kept = self._state.setdefault(cam, {})
+                for s in model.bundle.state:
+                    if s.gate == "always" or normal:
+                        kept[s.input] = np.array(outputs[s.output][i])
 
-    def reset_state(self, camera: str | None = None, rule: str = "command") -> None:
-        """Forget one camera's state (or all), when the bundle's reset rules include ``rule``."""
+    def reset_state(self, camera: str | None = None, rule: str = "command") -> bool:
+        """Forget one camera's state (or all) -- each state whose reset rules include ``rule``;
+        True when the bundle has such a state."""
         with self._lock:
-            if not any(rule in s.reset for s in self.current.bundle.state):
-                return
-            if camera is None:
-                self._state.clear()
-            else:
-                self._state.pop(camera, None)
+            inputs = [s.input for s in self.current.bundle.state if rule in s.reset]
+            for cam in [camera] if camera is not None else list(self._state):
+                for name in inputs:
+                    self._state.get(cam, {}).pop(name, None)
+            return bool(inputs)

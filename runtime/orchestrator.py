@@ -187,7 +187,7 @@ class Runtime:
         if http.port is not None:
             try:
                 self.health = HealthServer(self.metrics.registry, self.pipeline.ready, http.host,
-                                           http.port).start()
+                                           http.port, {"/state/reset": self._reset_command}).start()
             except OSError as exc:
                 self.pipeline.close()
                 self._release()
@@ -200,6 +200,26 @@ class Runtime:
         self.thread = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.thread.start()
         return self
+
+    def reset_state(self, camera: str | None = None) -> bool:
+        """Forget the carried model state of ``camera`` (every camera when None), as the
+        control command does; False when the bundle carries none that a command resets."""
+        ids = sorted(c["id"] for c in self.cameras)
+        if camera is not None and camera not in ids:
+            raise ValueError(f"unknown camera {camera!r}; the profile has {ids}")
+        reset = self.pipeline.slot.reset_state(camera, "command")
+        if reset:
+            self.metrics.state_resets.labels("command").inc()
+        return reset
+
+    def _reset_command(self, query: dict[str, str]) -> tuple[int, dict]:
+        """``POST /state/reset[?camera=ID]``."""
+        camera = query.get("camera")
+        try:
+            reset = self.reset_state(camera)
+        except ValueError as exc:
+            return 404, {"error": str(exc)}
+        return 200, {"camera": camera or "all", "state_reset": reset}
 
     def _run_pipeline(self) -> None:
         try:

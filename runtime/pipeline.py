@@ -158,10 +158,17 @@ class Pipeline:
             else:  # more frames than the camera could have sent: a new sequence, not losses
                 self.noisy_log.info(cam, "camera %s: seq jumped from %d to %d; taken as a restart "
                                       "of its sequence", cam, prev, msg.seq)
+                self._sequence_restarted(cam)
         elif prev is not None and msg.seq <= prev:
             self.noisy_log.info(cam, "camera %s restarted its sequence (%d after %d)", cam, msg.seq, prev)
+            self._sequence_restarted(cam)
         self.last_seq[cam] = msg.seq
         return msg
+
+    def _sequence_restarted(self, camera: str) -> None:
+        """A new sequence is a new scene (a restarted camera, a new batch): its carried state goes."""
+        if self.slot.reset_state(camera, "sequence_restart"):
+            self.metrics.state_resets.labels("sequence_restart").inc()
 
     def _planes_fit(self, msg: Message) -> bool:
         """Every input plane of the bundle is in the frame (by modality) with its channel count

@@ -216,3 +216,40 @@ def test_soft_mining_scales_each_tokens_gradient_by_its_relative_distance_cubed(
     torch.testing.assert_close(rec.grad, plain.grad * factor[..., None])
     with pytest.raises(ValueError, match="same modalities"):
         soft_mining_loss({"rgb": target}, {"normals": rec})
+
+
+def test_carried_training_also_reconstructs_from_prototypes_carried_through_other_shots():
+    from edge_inspect.trainer.heads.pirn.losses import soft_mining_loss
+    from edge_inspect.trainer.heads.pirn.train import PirnTraining
+
+    head = _head(carried_training=True)
+    rgb, xyz = _planes(batch=3)
+    training = PirnTraining()
+    encoded = training.frozen_features(head, rgb, xyz)
+    # one hop: each image starts from the codebook refined by the image before it in the batch
+    with torch.no_grad():
+        _, refined = head.decode({m: e.roll(1, dims=0) for m, e in encoded.items()})
+        start = head.carried_start(encoded, 1)
+        two = head.carried_start(encoded, 2)
+        _, older = head.decode({m: e.roll(2, dims=0) for m, e in encoded.items()})
+        _, again = head.decode({m: e.roll(1, dims=0) for m, e in encoded.items()}, older)
+    for m in head.cfg.modalities:
+        torch.testing.assert_close(start[m], refined[m])
+        # two hops: refined by the image two before, then by the one before
+        torch.testing.assert_close(two[m], again[m])
+        assert not torch.allclose(two[m], start[m])
+    torch.manual_seed(0)
+    hops = int(torch.randint(1, 4, ()))
+    torch.manual_seed(0)
+    loss, logged = training.loss(head, encoded, torch.zeros(3), torch.zeros(3), None)
+    with torch.no_grad():
+        plain, _ = head.decode(encoded)
+        carried, _ = head.decode(encoded, head.carried_start(encoded, hops))
+        want = [torch.stack([soft_mining_loss({m: encoded[m]}, {m: rec[m]})
+                             for m in head.cfg.modalities]).mean() for rec in (plain, carried)]
+    torch.testing.assert_close(loss.detach(), (want[0] + want[1]) / 2)
+    assert set(logged) == {"rgb", "normals", "carried"}
+    loss.backward()
+    assert head.codebook["rgb"].grad.abs().sum() > 0
+    _, logged = PirnTraining().loss(_head(), encoded, torch.zeros(3), torch.zeros(3), None)
+    assert "carried" not in logged

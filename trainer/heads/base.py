@@ -89,6 +89,9 @@ class AnomalyHead(nn.Module):
     # True when the K shots train the head (PIRN) instead of filling a memory: ``train``
     # fits on the shots the evaluation draws, and the evaluation enrolls nothing.
     learns_from_shots: bool = False
+    # The tensor a carried-state bundle feeds from one frame of a camera to its next (PIRN's
+    # refined prototypes); None: the head is stateless. See :meth:`forward_carried`.
+    carried_state: str | None = None
 
     def check_exportable(self) -> None:
         """Raise a ValueError naming the setting when this head cannot become a bundle."""
@@ -105,6 +108,15 @@ class AnomalyHead(nn.Module):
         """Scores, maps, and the named features from which :meth:`enroll` builds the memory
         (export makes them graph outputs, so a bundle can be enrolled without torch)."""
         raise NotImplementedError
+
+    def initial_state(self) -> torch.Tensor:
+        """The :attr:`carried_state` a camera starts from (no batch axis)."""
+        raise NotImplementedError(f"{self.method} carries no state between frames")
+
+    def forward_carried(self, images: torch.Tensor, *planes: torch.Tensor,
+                        state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores, maps and the next state from ``state`` ``(B, *initial_state().shape)``."""
+        raise NotImplementedError(f"{self.method} carries no state between frames")
 
     def freeze_constants(self) -> None:
         """Compute what is constant at inference (e.g. text features) so an export bakes it."""

@@ -52,8 +52,31 @@ truncation, as AF-CLIP's maps; INP-Former uses a 5x5 kernel at sigma 4, a weaker
 image score is the map's maximum.
 
 APR runs at inference too: each input refines the codebook from its own tokens (stateless,
-as the paper trains and tests). :meth:`PirnHead.forward_with_state` also takes the starting
-prototypes and returns the refined ones, which the runtime's carried mode feeds forward.
+as the paper trains and tests). The carried mode (opt-in, ``edge-inspect export
+--carry-state``; not in the paper) makes the last layer's refined prototypes of a frame the
+next frame's starting prototypes (the first layer's ``P``, in place of the codebook), per
+camera: :meth:`PirnHead.forward_carried` with the state ``(B, modalities, K, C)``, the
+codebook being its initial value. The runtime carries it only from frames scored normal
+(bundle state ``gate: normal``), so a defect cannot become part of the normality the next
+frames are reconstructed from, and resets it on reload, a sequence restart and a command.
+A decoder trained from its codebook alone does not work from carried prototypes, and one
+trained for it (``carried_training: true``: each training step also reconstructs the batch
+from prototypes carried through 1-3 other shots, without gradient, and averages the two
+losses) scores normal frames low again but no longer tells defects apart. Measured on a
+stream of 90 generated scenes (``benchmarks/pirn_carried_state.py``, tiny config):
+
+============================  ==========  ============  ==========  ===========
+trained / scored              mean normal false alarms  AUROC dent  AUROC stain
+============================  ==========  ============  ==========  ===========
+codebook only / stateless     0.0068      7 %           0.872       1.000
+codebook only / carried       0.380       97 %          0.640       0.584
+carried starts / stateless    0.0079      3 %           0.887       1.000
+carried starts / carried      0.0109      27 %          0.482       0.540
+============================  ==========  ============  ==========  ===========
+
+So the carried mode exists for the state contract and for lines that want to measure it on
+their own data; stateless (the paper's) is the default, and export refuses
+``--carry-state`` for a head trained without ``carried_training``.
 """
 
 from __future__ import annotations
@@ -97,6 +120,7 @@ class PirnConfig:
     intrinsics: tuple[float, float, float, float] | None = None
     background_plane: bool = False
     fill_invalid: int = 0  # passes filling invalid normals from valid neighbours (geometry.py)
+    carried_training: bool = False  # also train from carried prototypes (the carried mode)
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -252,6 +276,7 @@ class PirnHead(AnomalyHead):
 
     method = "pirn"
     learns_from_shots = True
+    carried_state = "prototypes"
 
     def __init__(self, encoders: dict[str, Backbone], cfg: PirnConfig) -> None:
         super().__init__()
@@ -324,6 +349,16 @@ class PirnHead(AnomalyHead):
         d = self.patch_distances(encoded, reconstructed).reshape(-1, 1, rows, cols)
         return self.smooth(F.interpolate(d, size=size, mode="bilinear", align_corners=False).squeeze(1))
 
+    @torch.no_grad()
+    def carried_start(self, encoded: dict[str, torch.Tensor], hops: int) -> dict[str, torch.Tensor]:
+        """Starting prototypes as the runtime would carry them to each image of the batch:
+        the codebook refined by the ``hops`` images before it in the batch, oldest first, as
+        frames of a stream would refine it (carried_training)."""
+        protos = self.initial_prototypes(encoded["rgb"].shape[0])
+        for hop in range(hops, 0, -1):
+            _, protos = self.decode({m: e.roll(hop, dims=0) for m, e in encoded.items()}, protos)
+        return protos
+
     def forward_with_state(self, rgb: torch.Tensor, geometry: torch.Tensor | None,
                            prototypes: dict[str, torch.Tensor] | None = None):
         """Score, map and the refined prototypes (the carried state)."""
@@ -332,10 +367,24 @@ class PirnHead(AnomalyHead):
         amap = self.to_map(encoded, reconstructed, tuple(rgb.shape[-2:]))
         return amap.flatten(1).amax(dim=1), amap, refined
 
-    def forward_with_features(self, rgb: torch.Tensor, *planes: torch.Tensor):
-        """Score and map; no memory features (the shots trained the head)."""
+    def _geometry(self, planes: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         if len(planes) != len(self.planes):
             raise ValueError(f"PIRN with modalities {list(self.cfg.modalities)} takes the planes "
                              f"{list(self.planes)} after the RGB image, got {len(planes)}")
-        score, amap, _ = self.forward_with_state(rgb, planes[0] if planes else None)
+        return planes[0] if planes else None
+
+    def forward_with_features(self, rgb: torch.Tensor, *planes: torch.Tensor):
+        """Score and map; no memory features (the shots trained the head)."""
+        score, amap, _ = self.forward_with_state(rgb, self._geometry(planes))
         return score, amap, {}
+
+    def initial_state(self) -> torch.Tensor:
+        """The codebook ``(modalities, K, C)``: where every camera's carried prototypes start."""
+        return torch.stack([self.codebook[m] for m in self.cfg.modalities]).detach()
+
+    def forward_carried(self, rgb: torch.Tensor, *planes: torch.Tensor, state: torch.Tensor):
+        """Score, map and the refined prototypes ``(B, modalities, K, C)``, starting from
+        ``state`` (the previous normal frame's refined prototypes, or :meth:`initial_state`)."""
+        start = {m: state[:, i] for i, m in enumerate(self.cfg.modalities)}
+        score, amap, refined = self.forward_with_state(rgb, self._geometry(planes), start)
+        return score, amap, torch.stack([refined[m] for m in self.cfg.modalities], dim=1)

@@ -5,6 +5,10 @@ As the paper (Implementation Details): Adam at 1e-4, 80 epochs few-shot (30 all-
 each modality's tokens and ``Z_rec``. The paper gives no batch size: 16 (INP-Former's), so
 K <= 16 shots make one step per epoch. The encoders see no augmentation, so their tokens
 are cached (``train.cache_features``) and computed once per shot.
+
+``head.carried_training`` (for bundles exported with ``--carry-state``; not in the paper)
+averages that loss with the loss of reconstructing the batch from carried prototypes
+(:meth:`PirnHead.carried_start`, 1-3 hops, drawn per step).
 """
 
 from __future__ import annotations
@@ -36,4 +40,12 @@ class PirnTraining(MethodTraining):
         reconstructed, _ = head.decode(inputs)
         parts = {m: soft_mining_loss({m: inputs[m]}, {m: reconstructed[m]}) for m in head.cfg.modalities}
         total = torch.stack(list(parts.values())).mean()
-        return total, {m: v.item() for m, v in parts.items()}
+        logged = {m: v.item() for m, v in parts.items()}
+        if head.cfg.carried_training:
+            hops = int(torch.randint(1, 4, ()))
+            carried, _ = head.decode(inputs, head.carried_start(inputs, hops))
+            loss = torch.stack([soft_mining_loss({m: inputs[m]}, {m: carried[m]})
+                                for m in head.cfg.modalities]).mean()
+            logged["carried"] = loss.item()
+            total = (total + loss) / 2
+        return total, logged
