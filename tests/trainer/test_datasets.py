@@ -260,3 +260,37 @@ def test_eyecandies(tmp_path):
         Eyecandies(root, "test")
     with pytest.raises(ValueError, match="split 'test_private' unknown"):
         Eyecandies(root, "test_private")
+
+
+def test_eyecandies_rgb_samples_carry_the_point_map_of_their_metric_depth(tmp_path):
+    import yaml
+
+    from edge_inspect.trainer.data import Eyecandies
+    from edge_inspect.trainer.data.batches import sample_plane
+    from edge_inspect.trainer.data.render3d import EYECANDIES_FOCAL, normals_from_xyz
+
+    root = _eyecandies(tmp_path)
+    data = root / "CandyCane" / "train" / "data"
+    for sid in ("000", "001"):
+        (data / f"{sid}_info_depth.yaml").write_text(
+            yaml.safe_dump({"normalization": {"min": 0.5, "max": 0.9}}))
+    flat = np.full((16, 20), 32768, np.uint16)
+    cv2.imwrite(str(data / "001_depth.png"), flat)
+    stepped, flat_sample = Eyecandies(root, "train", "CandyCane", render="rgb")
+    xyz = sample_plane(stepped, "xyz")
+    assert xyz.shape == (16, 20, 3) and xyz.dtype == np.float32
+    z = 30000 / 65535 * 0.4 + 0.5  # the dataset's metric depth
+    f = EYECANDIES_FOCAL
+    np.testing.assert_allclose(xyz[3, 4], [(4 - 10) * z / f, (3 - 8) * z / f, z], rtol=1e-5)
+    assert xyz[0, 0, 2] == pytest.approx(0.5)  # 16-bit 0 is the nearest depth, not a hole
+    np.testing.assert_allclose(xyz[5, 15, 2], 40000 / 65535 * 0.4 + 0.5, rtol=1e-6)
+    # a flat scene facing the camera: n = (0, 0, -1) in the camera frame, as MVTec 3D-AD's
+    normals = normals_from_xyz(sample_plane(flat_sample, "xyz"))
+    assert np.abs(normals[2:-2, 2:-2].astype(int) - [128, 128, 0]).max() <= 1
+    # other renders carry no plane, nor does a sample without its depth normalization
+    assert Eyecandies(root, "train", "CandyCane", render="normals")[0].xyz is None
+    (data / "000_info_depth.yaml").write_text("normalization: {min: 0.5}\n")
+    with pytest.raises(DatasetError, match="depth normalization .*000_info_depth.yaml"):
+        Eyecandies(root, "train", "CandyCane", render="rgb")[0]
+    (data / "000_info_depth.yaml").unlink()
+    assert Eyecandies(root, "train", "CandyCane", render="rgb")[0].xyz is None

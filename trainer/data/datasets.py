@@ -150,7 +150,10 @@ class Eyecandies(RecordDataset):
     ``<id>_metadata.yaml`` (``anomalous: 0/1``; train and val samples without one are
     good), masks ``<id>_mask.png``. ``render``: ``rgb`` (``<id>_image_5.png``, the global light),
     ``normals`` (``<id>_normals.png``, the dataset's own RGB encoding of the unit normals)
-    or ``depth`` (``<id>_depth.png`` rendered as :mod:`trainer.data.render3d` says).
+    or ``depth`` (``<id>_depth.png`` rendered as :mod:`trainer.data.render3d` says). With
+    ``rgb`` each sample also carries its point map (PIRN's 3D plane), from ``<id>_depth.png``
+    and ``<id>_info_depth.yaml`` (:func:`trainer.data.render3d.eyecandies_xyz`), when the
+    sample has both.
     """
 
     FOLDERS = {"train": "train", "val": "val", "test": "test_public"}
@@ -186,8 +189,11 @@ class Eyecandies(RecordDataset):
                 mask = data / f"{sample_id}_mask.png"
                 if label and not mask.exists():
                     raise DatasetError(f"missing mask {mask} for anomalous sample {sample_id}")
+                depth = data / f"{sample_id}_depth.png"
+                info = data / f"{sample_id}_info_depth.yaml"
+                xyz = depth if render == "rgb" and depth.exists() and info.exists() else None
                 records.append(Record(image, label, cat, "anomalous" if label else "good",
-                                      mask if label else None, None, render))
+                                      mask if label else None, xyz, render))
         super().__init__(records, f"Eyecandies {split} ({render}) at {root}")
 
 

@@ -14,6 +14,13 @@ released). The renderings chosen here, from each dataset's own files:
   central differences of its 4 neighbours, oriented towards the camera, encoded as
   ``RGB = round((n + 1) / 2 * 255)``; points with a missing neighbour are 0. Eyecandies
   ships exactly this encoding (``<id>_normals.png``, ``n = RGB / 127.5 - 1``), used as is.
+
+Eyecandies as a point map (PIRN's 3D plane, :func:`eyecandies_xyz`): the 16-bit depth
+``d`` is metric as ``d / 65535 * (max - min) + min`` with ``normalization`` ``min`` / ``max``
+from ``<id>_info_depth.yaml``, back-projected through the dataset's pinhole camera (focal
+length 711.11 px, principal point at the image centre; the dataset's own tooling,
+``eyecandies/stages/depth.py``) into camera-frame ``x, y, z`` as MVTec 3D-AD's point maps
+are. A rendered scene has depth everywhere: no point is missing (16-bit 0 is ``min``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,19 @@ def depth_image(z: np.ndarray, valid: np.ndarray) -> np.ndarray:
         span = far - near if far > near else 1.0
         out[valid] = np.round(32 + 223 * (far - z[valid]) / span).astype(np.uint8)
     return np.repeat(out[..., None], 3, axis=2)
+
+
+EYECANDIES_FOCAL = 711.11  # pixels, principal point at the image centre
+
+
+def eyecandies_xyz(depth: np.ndarray, near: float, far: float,
+                   focal: float = EYECANDIES_FOCAL) -> np.ndarray:
+    """An Eyecandies 16-bit depth image -> ``(H, W, 3)`` float32 camera-frame point map."""
+    h, w = depth.shape
+    z = depth.astype(np.float64) / 65535.0 * (far - near) + near
+    u, v = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    xyz = np.stack([(u - w / 2) * z / focal, (v - h / 2) * z / focal, z], axis=-1)
+    return xyz.astype(np.float32)
 
 
 def depth_from_xyz(xyz: np.ndarray) -> np.ndarray:

@@ -99,6 +99,28 @@ def read_xyz(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return xyz
 
 
+def read_eyecandies_xyz(depth_path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """An Eyecandies sample's point map from ``<id>_depth.png`` and ``<id>_info_depth.yaml``."""
+    import yaml
+
+    from edge_inspect.trainer.data.render3d import eyecandies_xyz
+
+    info = depth_path.with_name(depth_path.name.replace("_depth.png", "_info_depth.yaml"))
+    try:
+        norm = (yaml.safe_load(info.read_text()) or {})["normalization"]
+        near, far = float(norm["min"]), float(norm["max"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise DatasetError(f"cannot read the depth normalization (normalization: min, max) in "
+                           f"{info}: {exc}") from exc
+    depth = cv2.imread(str(depth_path), cv2.IMREAD_UNCHANGED)
+    if depth is None or depth.ndim != 2 or depth.dtype != np.uint16:
+        raise DatasetError(f"cannot read depth image {depth_path} (16-bit grey expected)")
+    if depth.shape != tuple(shape):
+        raise DatasetError(f"depth image {depth_path} is {depth.shape[1]}x{depth.shape[0]}, its RGB "
+                           f"image {shape[1]}x{shape[0]}")
+    return eyecandies_xyz(depth, near, far)
+
+
 def _rendered(record: Record) -> np.ndarray:
     """The image of a record whose ``render`` is depth or normals (trainer.data.render3d)."""
     from edge_inspect.trainer.data import render3d
@@ -131,7 +153,12 @@ def load_record(record: Record) -> Sample:
     image = read_rgb(record.image)
     hw = image.shape[:2]
     mask = read_mask(record.mask, hw) if record.mask else np.zeros(hw, np.uint8)
-    xyz = read_xyz(record.xyz, hw) if record.xyz else None
+    if record.xyz is None:
+        xyz = None
+    elif record.xyz.suffix == ".png":  # Eyecandies: 16-bit depth + its normalization
+        xyz = read_eyecandies_xyz(record.xyz, hw)
+    else:
+        xyz = read_xyz(record.xyz, hw)
     return Sample(image, record.label, mask, record.class_name, record.image, record.defect, xyz)
 
 
