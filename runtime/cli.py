@@ -38,6 +38,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("train", "train a method's head from a run config (then evaluate)", "trainer.train_cli"),
     Subcommand("eval", "evaluate a checkpoint: metrics JSON, ROC, histograms, overlays",
                "trainer.eval_cli"),
+    Subcommand("draws", "few-shot protocol of a method trained on its shots: one run per class and "
+               "shot draw, then the mean over draws", "trainer.draws_cli"),
     Subcommand("export", "export a run as a bundle (ONNX + manifest), with a parity gate",
                "export.cli"),
     Subcommand("enroll", "rebuild a bundle's few-shot memory and threshold from normal images "

@@ -7,7 +7,8 @@ import pytest
 from edge_inspect.trainer.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("[acm]*/*.yaml"))
+RUN_CONFIG_FOLDERS = ("afclip", "cmad", "memory", "pirn")
+CONFIGS = sorted(p for d in RUN_CONFIG_FOLDERS for p in (ROOT / "configs" / d).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -47,3 +48,15 @@ def test_cmad_paper_settings():
     rgb = RunConfig.from_yaml(ROOT / "configs/cmad/vith14-224-rgb-to-mvtec3d.yaml")
     assert [d.kind for d in rgb.train_data] == ["mvtec", "visa", "mvtec", "mvtec"]
     assert rgb.target_data[0].options["render"] == "depth"
+
+
+def test_pirn_paper_settings():
+    """MVTec 3D-AD and Eyecandies: ViT-B/14 at 224, blocks 2-10, 2 layers, Adam 1e-4 x 80."""
+    for name, kind in (("vitb14-224-mvtec3d", "mvtec3d"), ("vitb14-224-eyecandies", "eyecandies")):
+        cfg = RunConfig.from_yaml(ROOT / f"configs/pirn/{name}.yaml")
+        assert (cfg.method, cfg.backbone.arch, cfg.backbone.input_size) == ("pirn", "dinov2_vitb14", 224)
+        assert cfg.shots == 5 and cfg.target_data[0].kind == kind and not cfg.train_data
+        assert cfg.head["layers"] == 2 and tuple(cfg.head["modalities"]) == ("rgb", "normals")
+        assert cfg.train["epochs"] == 80 and cfg.train["lr"] == 1e-4
+        if kind == "eyecandies":
+            assert cfg.target_data[0].options["render"] == "rgb"  # RGB with its point map
