@@ -150,7 +150,8 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
         input_names.append(f"state.{name}")
         output_names.append(f"next.{name}")
         dynamic |= {f"state.{name}": {0: "batch"}, f"next.{name}": {0: "batch"}}
-        state_inputs = [steps[0][0][:2]]
+        state = steps[0][0][:2]
+        state_inputs = [state.repeat(2, 1, 1, 1) if state.shape[0] < 2 else state]  # as the example
     for k in feature_names:
         dynamic[f"feature.{k}"] = {axes[k]: "batch"}
     for k, v in memory.items():

@@ -5,12 +5,14 @@ Bound to 127.0.0.1 by default (expose it deliberately: the control commands act 
 running service). ``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200
 only when every readiness check passes (engine warm, cameras fresh) and 503 with the
 failing checks as JSON otherwise. Commands are POSTs to their path with query parameters
-(``POST /state/reset?camera=cam0``); each answers JSON with its status code.
+(``POST /state/reset?camera=cam0``); each answers JSON: 200, 400 for a malformed request
+(a body, a repeated parameter), 404 for an unknown command, 500 (logged) when it fails.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+log = logging.getLogger(__name__)
 ReadyCheck = Callable[[], dict[str, bool]]
 # a control command: query parameters -> (HTTP status, JSON-able answer)
 Command = Callable[[dict[str, str]], tuple[int, dict]]
@@ -47,12 +50,7 @@ class HealthServer:
 
             def do_POST(self) -> None:  # noqa: N802
                 url = urlsplit(self.path)
-                command = owner.commands.get(url.path)
-                if command is None:
-                    known = ", ".join(sorted(owner.commands)) or "none"
-                    self._send(404, f"no command {url.path}; commands: {known}\n".encode(), "text/plain")
-                    return
-                code, answer = command(dict(parse_qsl(url.query)))
+                code, answer = owner.answer(url.path, url.query, self.headers.get("Content-Length"))
                 self._send(code, json.dumps(answer).encode() + b"\n", "application/json")
 
             def _send(self, code: int, body: bytes, ctype: str) -> None:
@@ -69,6 +67,24 @@ class HealthServer:
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    def answer(self, path: str, query: str, body_length: str | None) -> tuple[int, dict]:
+        """Run a command: 404 unknown, 400 a malformed request, 500 a failure (logged)."""
+        command = self.commands.get(path)
+        if command is None:
+            return 404, {"error": f"no command {path}; commands: {sorted(self.commands)}"}
+        if body_length not in (None, "0"):
+            return 400, {"error": "command parameters go in the query string (?key=value), not the body"}
+        pairs = parse_qsl(query, keep_blank_values=True)
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            return 400, {"error": f"parameters {repeated} given more than once"}
+        try:
+            return command(dict(pairs))
+        except Exception as exc:  # noqa: BLE001 - a failed command must not cost the server
+            log.exception("control command %s failed", path)
+            return 500, {"error": f"{path} failed: {type(exc).__name__}: {exc}"}
 
     @property
     def port(self) -> int:

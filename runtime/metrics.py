@@ -68,7 +68,7 @@ class RuntimeMetrics:
         self.captures_skipped = Counter(p + "captures_skipped", "Anomalous frames not captured "
                                         "because the capture writer was behind", ["camera"], registry=r)
         self.state_resets = Counter(p + "state_resets", "Carried per-camera model state reset, by "
-                                    "rule (reload, sequence_restart, command)", ["rule"], registry=r)
+                                    "rule (sequence_restart, command)", ["rule"], registry=r)
         self._cameras: dict[tuple[str, str], CameraSeries] = {}
         self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
                                 ["model", "backend", "precision"], registry=r)

@@ -9,7 +9,9 @@ model between batches and resets every camera's state (hot reload builds on it).
 
 A state with ``gate: normal`` is carried only from frames whose score is at or below the
 serving threshold: an anomalous frame leaves its camera's state as it was, so a defect
-never becomes the reference the next frames are judged against.
+never becomes the reference the next frames are judged against. A reset bumps the camera's
+generation; a batch fed before the reset (:meth:`generations`) stores nothing for it, so a
+reset is never undone by a batch that was in the engine meanwhile.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class ModelSlot:
     def __init__(self, bundle: Bundle, engine, name: str | None = None) -> None:
         self._lock = threading.Lock()
         self._state: dict[str, dict[str, np.ndarray]] = {}
+        self._generation: dict[str, int] = {}  # per camera, bumped by a reset
+        self._all_generation = 0  # bumped by a reset of every camera (and a swap)
         self.current = ServingModel(bundle, engine, name or bundle.name, bundle.threshold)
 
     def swap(self, bundle: Bundle, engine, name: str | None = None) -> ServingModel:
@@ -50,6 +54,7 @@ class ModelSlot:
             old = self.current
             self.current = ServingModel(bundle, engine, name or bundle.name, bundle.threshold)
             self._state.clear()
+            self._all_generation += 1
             return old
 
     # -- per-camera state ------------------------------------------------------------------------
@@ -61,9 +66,17 @@ class ModelSlot:
             return {s.input: np.stack([self._state.get(cam, {}).get(s.input, s.initial) for cam in cameras])
                     for s in model.bundle.state}
 
-    def keep_state(self, model: ServingModel, cameras: list[str], outputs: dict[str, np.ndarray]) -> None:
+    def generations(self, cameras: list[str]) -> list[tuple[int, int]]:
+        """The cameras' reset generations: take them before :meth:`state_feeds` and hand them
+        to :meth:`keep_state`."""
+        with self._lock:
+            return [(self._all_generation, self._generation.get(cam, 0)) for cam in cameras]
+
+    def keep_state(self, model: ServingModel, cameras: list[str], outputs: dict[str, np.ndarray],
+                   generations: list[tuple[int, int]] | None = None) -> None:
         """Store each camera's state outputs as its next state inputs (if ``model`` still
-        serves); a ``gate: normal`` state only from frames scored at or below the threshold."""
+        serves and, given ``generations``, the camera was not reset since); a ``gate: normal``
+        state only from frames scored at or below the threshold."""
         if not model.bundle.state:
             return
         gated = any(s.gate == "normal" for s in model.bundle.state)
@@ -72,6 +85,9 @@ class ModelSlot:
             if model is not self.current:  # swapped meanwhile: the old model's state is void
                 return
             for i, cam in enumerate(cameras):
+                if generations is not None and generations[i] != (self._all_generation,
+                                                                  self._generation.get(cam, 0)):
+                    continue  # reset while this batch was in the engine
                 normal = gated and model.threshold is not None and float(scores[i]) <= model.threshold
                 kept = self._state.setdefault(cam, {})
                 for s in model.bundle.state:
@@ -83,7 +99,13 @@ class ModelSlot:
         True when the bundle has such a state."""
         with self._lock:
             inputs = [s.input for s in self.current.bundle.state if rule in s.reset]
+            if not inputs:
+                return False
+            if camera is None:
+                self._all_generation += 1
+            else:
+                self._generation[camera] = self._generation.get(camera, 0) + 1
             for cam in [camera] if camera is not None else list(self._state):
                 for name in inputs:
                     self._state.get(cam, {}).pop(name, None)
-            return bool(inputs)
+            return True

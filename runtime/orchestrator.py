@@ -213,13 +213,18 @@ class Runtime:
         return reset
 
     def _reset_command(self, query: dict[str, str]) -> tuple[int, dict]:
-        """``POST /state/reset[?camera=ID]``."""
-        camera = query.get("camera")
+        """``POST /state/reset?camera=ID`` (one camera) or ``?camera=*`` (every camera: no
+        camera id can be ``*``)."""
+        unknown = sorted(set(query) - {"camera"})
+        if unknown or not query.get("camera"):
+            return 400, {"error": f"/state/reset takes camera=<id> or camera=* (every camera), got "
+                                  f"{dict(query) or 'no parameters'}"}
+        camera = query["camera"]
         try:
-            reset = self.reset_state(camera)
+            reset = self.reset_state(None if camera == "*" else camera)
         except ValueError as exc:
             return 404, {"error": str(exc)}
-        return 200, {"camera": camera or "all", "state_reset": reset}
+        return 200, {"camera": camera, "state_reset": reset}
 
     def _run_pipeline(self) -> None:
         try:

@@ -82,6 +82,7 @@ class Prepared:
     t_recv: int  # monotonic ns when it was received
     planes: dict[str, np.ndarray]  # input name -> fitted, contiguous (H, W, C)
     preprocess_s: float
+    restart: bool = False  # the first frame of a new sequence of its camera
 
 
 class Pipeline:
@@ -91,6 +92,8 @@ class Pipeline:
                  metrics: RuntimeMetrics) -> None:
         self.slot, self.receiver, self.sinks, self.cfg, self.metrics = slot, frames, list(sinks), cfg, metrics
         self.known = frozenset(cfg.cameras)
+        self._restarting: set[str] = set()  # cameras whose last decoded frame began a new sequence
+        self._restart_unscored: set[str] = set()  # ... and that frame could not be fitted
         self.last_seq: dict[str, int] = {}  # keys: profile cameras only
         self.last_seen: dict[str, float] = {}
         self.noisy_log = ThrottledLog(log, every_s=60.0)  # lines a sender could repeat at will
@@ -158,15 +161,18 @@ class Pipeline:
             else:  # more frames than the camera could have sent: a new sequence, not losses
                 self.noisy_log.info(cam, "camera %s: seq jumped from %d to %d; taken as a restart "
                                       "of its sequence", cam, prev, msg.seq)
-                self._sequence_restarted(cam)
+                self._restarting.add(cam)
         elif prev is not None and msg.seq <= prev:
             self.noisy_log.info(cam, "camera %s restarted its sequence (%d after %d)", cam, msg.seq, prev)
-            self._sequence_restarted(cam)
+            self._restarting.add(cam)
         self.last_seq[cam] = msg.seq
         return msg
 
-    def _sequence_restarted(self, camera: str) -> None:
-        """A new sequence is a new scene (a restarted camera, a new batch): its carried state goes."""
+    def _reset_sequence(self, camera: str) -> None:
+        """A new sequence is a new scene (a restarted camera, a new batch of parts): the
+        camera's carried state goes. In every_part this runs just before the sequence's first
+        frame is scored, so frames of the old sequence still queued are scored (and carry)
+        before it."""
         if self.slot.reset_state(camera, "sequence_restart"):
             self.metrics.state_resets.labels("sequence_restart").inc()
 
@@ -183,32 +189,48 @@ class Pipeline:
                 return False
         return True
 
-    def receive(self) -> list[tuple[Message, int]]:
-        """Decoded frames with their receive time (ns), per the delivery mode."""
+    def _decode_marked(self, parts: list) -> tuple[Message, bool] | None:
+        """:meth:`_decode`, and whether the frame begins a new sequence of its camera."""
+        msg = self._decode(parts)
+        if msg is None:
+            return None
+        restart = msg.camera in self._restarting
+        self._restarting.discard(msg.camera)
+        return msg, restart
+
+    def receive(self) -> list[tuple[Message, int, bool]]:
+        """Decoded frames with their receive time (ns) and whether each begins a new sequence
+        of its camera, per the delivery mode."""
         if self.cfg.mode == "live":
             raw = self.receiver.drain(timeout_ms=100)
             now = time.monotonic_ns()
-            newest: dict[str, Message] = {}
+            newest: dict[str, tuple[Message, bool]] = {}
             for parts in raw:
-                msg = self._decode(parts)
-                if msg is None:
+                decoded = self._decode_marked(parts)
+                if decoded is None:
                     continue
+                msg, restart = decoded
                 if msg.camera in newest:
                     self.metrics.drop(msg.camera, "stale")
-                newest[msg.camera] = msg
-            return [(m, now) for m in newest.values()]  # one per camera
+                    restart = restart or newest[msg.camera][1]  # a restart among the dropped
+                newest[msg.camera] = (msg, restart)
+            return [(m, now, r) for m, r in newest.values()]  # one per camera
         out = []  # every_part: in order, nothing dropped (the batch fills in the hand-over)
         for parts in self.receiver.drain(timeout_ms=100, limit=self.cfg.max_batch):
-            msg = self._decode(parts)
-            if msg is not None:
-                out.append((msg, time.monotonic_ns()))
+            decoded = self._decode_marked(parts)
+            if decoded is not None:
+                out.append((decoded[0], time.monotonic_ns(), decoded[1]))
         return out
 
     # -- the three stages ----------------------------------------------------------------------
-    def prepare(self, msg: Message, t_recv: int) -> Prepared | None:
+    def prepare(self, msg: Message, t_recv: int, restart: bool = False) -> Prepared | None:
         """Fit a decoded frame's planes to the bundle's inputs; a frame that cannot be fitted
-        (smaller than the crop) is counted as ``malformed`` and dropped."""
+        (smaller than the crop) is counted as ``malformed`` and dropped (a restart it began
+        passes to the camera's next frame)."""
         t0 = time.perf_counter()
+        if msg.camera in self._restart_unscored:
+            self._restart_unscored.discard(msg.camera)
+            restart = True
         planes = msg.planes
         try:
             # contiguous here, on the intake thread: a copy in the inference thread would
@@ -221,8 +243,10 @@ class Pipeline:
                 log.warning("camera %s: %s (frames dropped as malformed)", msg.camera, exc)
                 self._warned_unfit.add(msg.camera)
             self.metrics.drop(msg.camera, "malformed")
+            if restart:
+                self._restart_unscored.add(msg.camera)
             return None
-        return Prepared(msg, t_recv, fitted, time.perf_counter() - t0)
+        return Prepared(msg, t_recv, fitted, time.perf_counter() - t0, restart)
 
     def infer(self, batch: list[Prepared]) -> tuple[ServingModel, dict, float]:
         """One engine call for the micro-batch with the slot's current model; returns the
@@ -242,13 +266,40 @@ class Pipeline:
             feeds = {p.name: np.stack([item.planes[p.name] for item in batch]) for p in bundle.inputs}
         names = [bundle.score_output, bundle.map_output]
         if bundle.state:
-            cameras = [item.msg.camera for item in batch]
-            feeds |= self.slot.state_feeds(model, cameras)
-            names += [s.output for s in bundle.state]
-        out = model.engine.infer(feeds, names)
-        if bundle.state:
-            self.slot.keep_state(model, cameras, out)
+            out = self._infer_stateful(model, batch, feeds, names + [s.output for s in bundle.state])
+        else:
+            out = model.engine.infer(feeds, names)
         return model, out, (time.perf_counter() - t0) / len(batch)
+
+    def _infer_stateful(self, model: ServingModel, batch: list[Prepared], feeds: dict,
+                        names: list[str]) -> dict:
+        """Engine calls for a bundle with per-camera state: frames of one camera in turn
+        (round r holds each camera's r-th frame of the batch), each starting from the state
+        the previous one left, restarts applied in frame order."""
+        rounds: list[list[int]] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(batch):
+            r = seen.get(item.msg.camera, 0)
+            seen[item.msg.camera] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for idx in rounds:
+            for i in idx:
+                if batch[i].restart:
+                    self._reset_sequence(batch[i].msg.camera)
+            cameras = [batch[i].msg.camera for i in idx]
+            generations = self.slot.generations(cameras)
+            sub = feeds if len(rounds) == 1 else {k: v[idx] for k, v in feeds.items()}
+            out = model.engine.infer(sub | self.slot.state_feeds(model, cameras), names)
+            self.slot.keep_state(model, cameras, out, generations)
+            for name in names:
+                parts[name].append(out[name])
+        if len(rounds) == 1:
+            return {name: p[0] for name, p in parts.items()}
+        order = np.argsort(np.concatenate(rounds), kind="stable")  # back to the batch's order
+        return {name: np.concatenate(p)[order] for name, p in parts.items()}
 
     def publish(self, batch: list[Prepared], model: ServingModel, out: dict, infer_s: float) -> None:
         """Postprocess, observe metrics, hand a result per frame to every sink."""
@@ -291,10 +342,15 @@ class Pipeline:
     def _intake_loop(self, done: threading.Event) -> None:
         next_up_check = 0.0
         while not done.is_set():
-            for msg, t_recv in self.receive():
-                item = self.prepare(msg, t_recv)
+            for msg, t_recv, restart in self.receive():
+                item = self.prepare(msg, t_recv, restart)
                 if item is None:
                     continue
+                if item.restart and self.handoff.latest_wins:
+                    # live: no older frame of the camera waits (it would be replaced), so
+                    # the reset needs no ordering; a batch in the engine keeps nothing
+                    item.restart = False
+                    self._reset_sequence(msg.camera)
                 replaced = self.handoff.put(msg.camera, item, done.is_set)
                 if replaced is not None and self.handoff.latest_wins:
                     self.metrics.drop(msg.camera, "stale")

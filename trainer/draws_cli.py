@@ -5,8 +5,10 @@ A head trained on its K shots cannot be evaluated on other draws (``eval.shot_se
 refused for it), so each draw ``d`` is its own run with ``seed: d`` (the seed draws the
 shots and the held-out normals, and initializes the head), on one class of the target at a
 time, as the paper trains one model per category. Runs go to
-``<out>/<dataset>-<class>/draw-<d>/``; a run whose evaluation finished is kept and not
-repeated, so an interrupted sweep continues where it stopped. ``summary.json`` and
+``<out>/<dataset>-<class>/draw-<d>/`` (``<out>`` by default ``runs/<name>-<K>shot-draws``);
+a run whose evaluation finished is kept and not repeated, so an interrupted sweep continues
+where it stopped; a run folder holding another config (other shots, other ``--set``) is
+refused, never mixed into the summary. ``summary.json`` and
 ``summary.md`` hold, per class, the mean and standard deviation over draws of image AUROC,
 pixel AUROC and AUPRO, and the mean over classes (the papers' table rows).
 """
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first", type=int, default=0, help="seed of the first draw")
     parser.add_argument("--classes", nargs="+", default=None,
                         help="only these classes of the target (default: every class)")
-    parser.add_argument("--out", type=Path, default=None, help="sweep folder (default runs/<name>-draws)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="sweep folder (default runs/<name>-<K>shot-draws)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value for every run (repeatable)")
 
@@ -80,9 +83,14 @@ def plan(config: Path, overrides: list[str], draws: int, first: int = 0,
     return runs
 
 
-def _finished(run_dir: Path) -> Path | None:
-    done = sorted(run_dir.glob("eval-*shot*/metrics.json"))
-    return done[0] if done else None
+def _finished(run_dir: Path, cfg: RunConfig) -> Path | None:
+    """The run's metrics when its evaluation finished; a folder of another config is refused."""
+    saved = run_dir / "config.yaml"
+    if saved.exists() and saved.read_text() != cfg.to_yaml():  # train writes cfg.to_yaml() there
+        raise ValueError(f"{run_dir} holds a run of another config (other shots or overrides); "
+                         "give this sweep its own --out")
+    metrics = run_dir / f"eval-{cfg.shots}shot" / "metrics.json"
+    return metrics if metrics.exists() else None
 
 
 def sweep(runs: list[tuple[str, str, int, RunConfig]], out: Path) -> dict:
@@ -93,13 +101,15 @@ def sweep(runs: list[tuple[str, str, int, RunConfig]], out: Path) -> dict:
     per_class: dict[tuple[str, str], list[dict]] = {}
     for n, (dataset, cls, seed, cfg) in enumerate(runs, 1):
         run_dir = out / f"{dataset}-{cls}" / f"draw-{seed}"
-        metrics = _finished(run_dir)
+        metrics = _finished(run_dir, cfg)
         if metrics is None:
             t0 = time.monotonic()
             print(f"[{n}/{len(runs)}] {dataset}/{cls} draw {seed}: training", flush=True)
             checkpoint = train(cfg, run_dir, resume=(run_dir / "config.yaml").exists())
             evaluate_run(cfg, checkpoint, eval_dir_for(run_dir, cfg))
-            metrics = _finished(run_dir)
+            metrics = _finished(run_dir, cfg)
+            if metrics is None:
+                raise RuntimeError(f"{run_dir}: the evaluation wrote no eval-{cfg.shots}shot/metrics.json")
             print(f"[{n}/{len(runs)}] {dataset}/{cls} draw {seed}: done in "
                   f"{time.monotonic() - t0:.0f} s", flush=True)
         else:
@@ -139,7 +149,7 @@ def table(summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     runs = plan(args.config, args.overrides, args.draws, args.first, args.classes)
-    out = args.out or Path("runs") / f"{runs[0][3].name}-draws"
+    out = args.out or Path("runs") / f"{runs[0][3].name}-{runs[0][3].shots}shot-draws"
     print(f"{len(runs)} runs ({len({(d, c) for d, c, _, _ in runs})} classes x {args.draws} draws) in {out}")
     summary = sweep(runs, out)
     summary["config"] = str(args.config)

@@ -208,7 +208,11 @@ def test_runtime_carries_state_per_camera_from_normal_frames_only(carried_bundle
         assert post("/state/reset?camera=a") == (200, {"camera": "a", "state_reset": True})
         np.testing.assert_array_equal(state("a"), initial)
         np.testing.assert_allclose(state("b"), after_one, atol=1e-6)  # b keeps its own
-        assert post("/state/reset") == (200, {"camera": "all", "state_reset": True})
+        for bad in ("", "?camera=", "?cam=a", "?camera=a&camera=b"):  # never "every camera" by mistake
+            code, answer = post(f"/state/reset{bad}")
+            assert code == 400 and "error" in answer, bad
+        np.testing.assert_allclose(state("b"), after_one, atol=1e-6)
+        assert post("/state/reset?camera=*") == (200, {"camera": "*", "state_reset": True})
         np.testing.assert_array_equal(state("b"), initial)
         assert value("edge_inspect_state_resets_total", {"rule": "command"}) == 2
         code, answer = post("/state/reset?camera=nope")
@@ -220,3 +224,94 @@ def test_runtime_carries_state_per_camera_from_normal_frames_only(carried_bundle
     finally:
         tx.close()
         rt.shutdown()
+
+
+def test_one_cameras_frames_in_a_batch_carry_in_turn_and_a_reset_mid_batch_holds(carried_bundle, tmp_path):
+    import zmq
+
+    from edge_inspect.runtime.metrics import RuntimeMetrics
+    from edge_inspect.runtime.model_slot import ModelSlot
+    from edge_inspect.runtime.pipeline import Pipeline, PipelineConfig
+    from edge_inspect.runtime.transport.sockets import Receiver
+    from edge_inspect.runtime.transport.wire import decode
+
+    gated, normal, _ = _gated_copy(carried_bundle, tmp_path / "bundle")
+    bundle = load_bundle(gated)
+    engine = open_engine(bundle)
+    ctx = zmq.Context()
+    frames = TransportConfig(f"ipc://{tmp_path}/frames", mode="every_part")
+
+    def pipeline():
+        return Pipeline(ModelSlot(bundle, engine, "m"), Receiver(frames, ctx), [],
+                        PipelineConfig(("a", "b"), mode="every_part", max_batch=4), RuntimeMetrics())
+
+    def item(pipe, cam, seq, restart=False):
+        msg = decode(encode_frame(cam, seq, time.time_ns(), {"rgb": normal[0], "xyz": normal[1]}))
+        return pipe.prepare(msg, time.monotonic_ns(), restart)
+
+    def state(pipe, cam):
+        return pipe.slot.state_feeds(pipe.slot.current, [cam])["state.prototypes"][0]
+
+    one_by_one, batched = pipeline(), pipeline()
+    want = [one_by_one.infer([item(one_by_one, c, s)])[1]["image_score"][0]
+            for c, s in (("a", 0), ("a", 1), ("b", 0), ("a", 2))]
+    # the same four frames as one batch: a's frames in turn, each from the state the last left
+    _, out, _ = batched.infer([item(batched, c, s) for c, s in (("a", 0), ("a", 1), ("b", 0), ("a", 2))])
+    np.testing.assert_allclose(out["image_score"], want, rtol=1e-5)
+    for cam in ("a", "b"):
+        np.testing.assert_allclose(state(batched, cam), state(one_by_one, cam), atol=1e-6)
+    # a restart in the middle of a batch: the old sequence's frame carries, then the reset
+    restarted = pipeline()
+    _, out, _ = restarted.infer([item(restarted, "a", 5), item(restarted, "a", 0, restart=True)])
+    np.testing.assert_allclose(out["image_score"], [want[0], want[0]], rtol=1e-5)  # both from the codebook
+    # a reset while a batch is in the engine is not undone by that batch
+    racing = pipeline()
+    slot = racing.slot
+    real_infer = engine.infer
+
+    class ResetDuringInfer:
+        def infer(self, feeds, names):
+            slot.reset_state("a", "command")
+            return real_infer(feeds, names)
+
+    slot.current = type(slot.current)(bundle, ResetDuringInfer(), "m", bundle.threshold)
+    racing.infer([item(racing, "a", 0)])
+    np.testing.assert_array_equal(state(racing, "a"), bundle.state[0].initial)
+    racing.slot.current = type(slot.current)(bundle, engine, "m", bundle.threshold)
+    racing.infer([item(racing, "a", 1)])
+    assert not np.allclose(state(racing, "a"), bundle.state[0].initial)  # carries again after it
+    for pipe in (one_by_one, batched, restarted, racing):
+        pipe.close()
+    ctx.term()
+
+
+def test_control_commands_answer_json_and_never_take_the_server_down():
+    from edge_inspect.runtime.health import HealthServer
+    from edge_inspect.runtime.metrics import RuntimeMetrics
+
+    def broken(query):
+        raise KeyError("boom")
+
+    server = HealthServer(RuntimeMetrics().registry, lambda: {"ok": True}, port=0,
+                          commands={"/ok": lambda q: (200, {"got": q}), "/broken": broken}).start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def call(path, method="POST", data=None):
+        req = urllib.request.Request(base + path, method=method, data=data)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    try:
+        assert call("/ok?x=1") == (200, b'{"got": {"x": "1"}}\n')
+        code, body = call("/broken")
+        assert code == 500 and "KeyError" in json.loads(body)["error"]
+        code, body = call("/nope")
+        assert code == 404 and "/broken" in json.loads(body)["error"]
+        assert call("/ok", data=b"x=1")[0] == 400  # parameters go in the query string
+        assert call("/ok", method="GET")[0] == 405
+        assert call("/healthz", method="GET") == (200, b"ok\n")  # still serving
+    finally:
+        server.stop()

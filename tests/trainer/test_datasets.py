@@ -231,6 +231,7 @@ def _eyecandies(tmp_path: Path) -> Path:
                 depth[:, 10:] = 40000
                 depth[0, 0] = 0
                 cv2.imwrite(str(data / f"{sid}_depth.png"), depth)
+                (data / f"{sid}_info_depth.yaml").write_text("normalization: {min: 0.5, max: 0.9}\n")
                 if bad:
                     write_mask(data / f"{sid}_mask.png")
     return root
@@ -292,5 +293,8 @@ def test_eyecandies_rgb_samples_carry_the_point_map_of_their_metric_depth(tmp_pa
     (data / "000_info_depth.yaml").write_text("normalization: {min: 0.5}\n")
     with pytest.raises(DatasetError, match="depth normalization .*000_info_depth.yaml"):
         Eyecandies(root, "train", "CandyCane", render="rgb")[0]
-    (data / "000_info_depth.yaml").unlink()
+    (data / "000_info_depth.yaml").unlink()  # a depth image without its normalization
+    with pytest.raises(DatasetError, match="000 in .* has only one of 000_depth.png and 000_info_depth.yaml"):
+        Eyecandies(root, "train", "CandyCane", render="rgb")
+    (data / "000_depth.png").unlink()  # neither: an RGB sample without a point map
     assert Eyecandies(root, "train", "CandyCane", render="rgb")[0].xyz is None

@@ -24,7 +24,7 @@ def _args(config, out, **kw):
                                   "out": out, "overrides": []} | kw))
 
 
-def test_each_draw_is_its_own_run_and_the_summary_is_their_mean(tmp_path, capsys):
+def test_each_draw_is_its_own_run_and_the_summary_is_their_mean(tmp_path, capsys, monkeypatch):
     config = tmp_path / "pirn.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "sweep"
@@ -54,6 +54,13 @@ def test_each_draw_is_its_own_run_and_the_summary_is_their_mean(tmp_path, capsys
     assert "draw 0: finished before" in capsys.readouterr().out
     assert (runs[0] / "checkpoint.safetensors").stat().st_mtime_ns == stamp
     assert len(json.loads((out / "summary.json").read_text())["classes"]["rgbd/sheet"]["draws"]) == 3
+    # the same folder for another shot count is refused, not mixed into the summary
+    with pytest.raises(ValueError, match="draw-0 holds a run of another config"):
+        run(_args(config, out, overrides=["shots=5"]))
+    # the default folder names the shot count
+    monkeypatch.chdir(tmp_path)
+    assert run(_args(config, None, draws=1, overrides=["train.epochs=1"])) == 0
+    assert (tmp_path / "runs" / "pirn-draws-4shot-draws" / "summary.json").exists()
 
 
 def test_a_multi_class_target_is_split_into_one_run_per_class(tmp_path):

@@ -37,7 +37,8 @@ def sample_plane(sample: Sample, name: str) -> np.ndarray:
         raise ValueError(f"input plane {name!r} unknown; choose one of {GEOMETRY_PLANES}")
     if sample.xyz is None:
         raise ValueError(f"{sample.path} has no 3D data, but the model takes a {name} plane: use "
-                         "an RGB-D dataset (mvtec3d or eyecandies with render: rgb, or rgbd_synthetic)")
+                         "an RGB-D dataset (mvtec3d; eyecandies with render: rgb and its "
+                         "<id>_depth.png + <id>_info_depth.yaml; rgbd_synthetic)")
     return sample.xyz if name == "xyz" else sample.xyz[..., 2:3]
 
 

@@ -191,7 +191,10 @@ class Eyecandies(RecordDataset):
                     raise DatasetError(f"missing mask {mask} for anomalous sample {sample_id}")
                 depth = data / f"{sample_id}_depth.png"
                 info = data / f"{sample_id}_info_depth.yaml"
-                xyz = depth if render == "rgb" and depth.exists() and info.exists() else None
+                if render == "rgb" and depth.exists() != info.exists():
+                    raise DatasetError(f"{sample_id} in {data} has only one of {depth.name} and "
+                                       f"{info.name}; its point map needs both")
+                xyz = depth if render == "rgb" and depth.exists() else None
                 records.append(Record(image, label, cat, "anomalous" if label else "good",
                                       mask if label else None, xyz, render))
         super().__init__(records, f"Eyecandies {split} ({render}) at {root}")

@@ -354,8 +354,9 @@ class PirnHead(AnomalyHead):
         """Starting prototypes as the runtime would carry them to each image of the batch:
         the codebook refined by the ``hops`` images before it in the batch, oldest first, as
         frames of a stream would refine it (carried_training)."""
-        protos = self.initial_prototypes(encoded["rgb"].shape[0])
-        for hop in range(hops, 0, -1):
+        batch = encoded["rgb"].shape[0]
+        protos = self.initial_prototypes(batch)
+        for hop in range(min(hops, batch - 1), 0, -1):  # never an image's own tokens
             _, protos = self.decode({m: e.roll(hop, dims=0) for m, e in encoded.items()}, protos)
         return protos
 

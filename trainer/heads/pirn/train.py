@@ -41,7 +41,7 @@ class PirnTraining(MethodTraining):
         parts = {m: soft_mining_loss({m: inputs[m]}, {m: reconstructed[m]}) for m in head.cfg.modalities}
         total = torch.stack(list(parts.values())).mean()
         logged = {m: v.item() for m, v in parts.items()}
-        if head.cfg.carried_training:
+        if head.cfg.carried_training and inputs["rgb"].shape[0] > 1:  # carried from other shots
             hops = int(torch.randint(1, 4, ()))
             carried, _ = head.decode(inputs, head.carried_start(inputs, hops))
             loss = torch.stack([soft_mining_loss({m: inputs[m]}, {m: carried[m]})
