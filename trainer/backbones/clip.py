@@ -326,11 +326,34 @@ class ClipModel(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)
 
-    def _encode_embedded(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+    def _text_states(self, x: torch.Tensor) -> torch.Tensor:
+        """``ln_final`` of the text transformer's output for embedded tokens ``x``."""
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        x = self.transformer(x, self.causal_mask(x.shape[1], x.device, x.dtype))
-        x = self.ln_final(x)
+        return self.ln_final(self.transformer(x, self.causal_mask(x.shape[1], x.device, x.dtype)))
+
+    def _encode_embedded(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        x = self._text_states(x)
         return x[torch.arange(x.shape[0], device=x.device), eot_index] @ self.text_projection
+
+    def encode_prompt_tokens(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode ``[SOT][context][EOT]`` (padded with token 0, as ``tokenize("")`` pads) for
+        a batch of generated prompts ``(P, n, text_width)``.
+
+        Returns the EOT feature ``(P, embed_dim)`` and the output at each context position
+        ``(P, n, embed_dim)``, both ``ln_final`` then ``@ text_projection`` (IIPAD's prompt
+        embedding ``e`` and token embeddings ``p_1..p_T'``, Eq. 5).
+        """
+        p, n, width = context.shape
+        if width != self.cfg.text_width or n + 2 > self.cfg.context_length:
+            raise ValueError(f"prompts {tuple(context.shape)} do not fit the text encoder "
+                             f"(width {self.cfg.text_width}, at most {self.cfg.context_length - 2} tokens)")
+        ends = self.token_embedding.weight.new_tensor([49406, 49407]).long()
+        sot, eot = self.token_embedding(ends).to(context.dtype)
+        pad = self.token_embedding.weight[0].to(context.dtype)
+        x = torch.cat([sot.expand(p, 1, -1), context, eot.expand(p, 1, -1),
+                       pad.expand(p, self.cfg.context_length - n - 2, -1)], dim=1)
+        states = self._text_states(x) @ self.text_projection
+        return states[:, n + 1], states[:, 1:n + 1]
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embedding at the EOT token (the largest id, 49407 in OpenAI's vocabulary)."""
