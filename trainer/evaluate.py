@@ -265,10 +265,20 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
     train = spec.open("train") if spec.has_train_split and needs_normals else None
     classes, curves, hists = {}, {}, {}
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    splits = {cls: split_normals(cfg, spec, test, train, cls, seed) for cls in test.class_names}
+    if head.memory_spans_classes:  # one-for-all: every class's shots in one memory
+        every = [item for shots, _, _ in splits.values() for item in shots]
+        if every:
+            head.enroll(loader(every).images.to(_device(head)))
+        else:
+            head.clear_memory()
     for cls in test.class_names:
-        shots, calib, test_idx = split_normals(cfg, spec, test, train, cls, seed)
-        detector_cal, calib = enroll_and_calibrate(cfg, head, loader, shots, calib,
-                                                   f"{tag}{spec.name}/{cls}")
+        shots, calib, test_idx = splits[cls]
+        if head.memory_spans_classes:
+            detector_cal = None
+        else:
+            detector_cal, calib = enroll_and_calibrate(cfg, head, loader, shots, calib,
+                                                       f"{tag}{spec.name}/{cls}")
         if head.scores_depend_on_batch:  # the official test loader: unshuffled, normals first
             test_idx = sorted(test_idx, key=lambda i: test.records[i].label)
         items = [(test, i) for i in test_idx]

@@ -7,7 +7,7 @@ import pytest
 from edge_inspect.trainer.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_CONFIG_FOLDERS = ("afclip", "cmad", "memory", "pirn")
+RUN_CONFIG_FOLDERS = ("afclip", "cmad", "iipad", "memory", "pirn")
 CONFIGS = sorted(p for d in RUN_CONFIG_FOLDERS for p in (ROOT / "configs" / d).glob("*.yaml"))
 
 

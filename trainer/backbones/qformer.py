@@ -331,3 +331,20 @@ def load_qformer(path: str | Path, text_ids: tuple[int, ...] = OBJECT_TEXT_IDS) 
              cfg.vision_layers, cfg.layers, cfg.queries, folder)
     return model.eval().requires_grad_(False)
 
+
+
+def random_qformer(image_size: int, patch_size: int, width: int, seed: int = 0) -> QFormer:
+    """A tiny random-weight Q-Former for tests and smoke runs (``head.qformer: random``):
+    2 vision blocks of width 32, 2 layers of ``width`` (the CLIP text width), 8 queries, a
+    10-token vocabulary with ``[CLS] object [SEP]`` at ids 3 6 4."""
+    cfg = QFormerConfig(vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+                        patch_size=patch_size, image_size=image_size, width=width, layers=2,
+                        heads=4, mlp=2 * width, vocab_size=10, max_positions=16, queries=8,
+                        text_ids=(3, 6, 4))
+    gen = torch.Generator().manual_seed(seed)
+    model = QFormer(cfg)
+    with torch.no_grad():  # the zero-initialized parameters get values, as trained ones have
+        model.query_tokens.copy_(0.02 * torch.randn(model.query_tokens.shape, generator=gen))  # BLIP-2's init
+        for p in (model.visual_encoder.class_embedding, model.visual_encoder.positional_embedding):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return model.eval().requires_grad_(False)

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_inspect.trainer.data.sample import Record, RecordDataset, Sample
 
-STYLES = ("stripes", "grain", "weave")
+STYLES = ("stripes", "grain", "weave", "fine")
 
 
 class SyntheticDefects(RecordDataset):
@@ -64,14 +64,15 @@ class SyntheticDefects(RecordDataset):
         n = self.size
         yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
         base = np.zeros((n, n), np.float32)
-        freqs = (6.0, 3.0, 10.0)[style]
+        freqs = (6.0, 3.0, 10.0, 13.0)[style]
         for _ in range(3):
             angle = rng.uniform(0, np.pi)
             f = freqs * rng.uniform(0.8, 1.2)
             phase = rng.uniform(0, 2 * np.pi)
             base += np.sin(2 * np.pi * f * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
         base = 128 + 25 * base / 3 + rng.normal(0, 8, (n, n))
-        tint = np.array([(1.0, 0.95, 0.9), (0.9, 1.0, 0.95), (0.95, 0.9, 1.0)][style], np.float32)
+        tint = np.array([(1.0, 0.95, 0.9), (0.9, 1.0, 0.95), (0.95, 0.9, 1.0), (1.1, 0.9, 0.9)][style],
+                        np.float32)
         return base[..., None] * tint
 
     def _plant(self, rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:

@@ -89,6 +89,10 @@ class AnomalyHead(nn.Module):
     # True when the K shots train the head (PIRN) instead of filling a memory: ``train``
     # fits on the shots the evaluation draws, and the evaluation enrolls nothing.
     learns_from_shots: bool = False
+    # True when one memory holds the shots of every class of a target dataset and the head
+    # finds an image's class itself (IIPAD, one-for-all): the evaluation enrolls every
+    # class's shots once, then scores each class against that one memory.
+    memory_spans_classes: bool = False
     # The tensor a carried-state bundle feeds from one frame of a camera to its next (PIRN's
     # refined prototypes); None: the head is stateless. See :meth:`forward_carried`.
     carried_state: str | None = None
