@@ -42,12 +42,17 @@ from edge_inspect.trainer.heads.registry import get_method
 from edge_inspect.trainer.metrics import AUPRO_PROTOCOLS
 
 TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "betas", "checkpoint_every", "workers",
-              "log_every", "device", "amp", "cache_features", "cache_gb", "cache_dtype", "sampling")
+              "log_every", "device", "amp", "cache_features", "cache_gb", "cache_dtype", "sampling",
+              "weight_decay", "schedule", "eta_min")
+# schedule: constant, or cosine (torch's CosineAnnealingLR stepped once per epoch from lr to
+# eta_min over the phase's epochs; IIPAD's official code sets eta_min above lr, so it rises).
+SCHEDULES = ("constant", "cosine")
 # device: auto | cpu | cuda[:N] (also used by eval); amp: off | bf16 | fp16; the frozen
 # backbone's features are cached in host memory up to cache_gb, stored as cache_dtype.
 TRAIN_RUNTIME_DEFAULTS = {"checkpoint_every": 100, "workers": 0, "log_every": 10, "device": "auto",
                           "amp": "off", "cache_features": True, "cache_gb": 8.0,
-                          "cache_dtype": "float32", "sampling": "shuffle"}
+                          "cache_dtype": "float32", "sampling": "shuffle", "weight_decay": 0.0,
+                          "schedule": "constant", "eta_min": 0.0}
 CALIBRATION_DEFAULTS = {"false_alarm_rate": 0.01, "normals": 20}
 EVAL_DEFAULTS = {"batch_size": 8, "overlays": 6, "save_enrolled": True, "limit": None,
                  "aupro": "exact", "shot_seeds": None}
@@ -125,7 +130,8 @@ class RunConfig:
             train.pop("steps", None)
         train = _coerce(train, {"epochs": int, "steps": int, "batch_size": int, "lr": float,
                                 "checkpoint_every": int, "workers": int, "log_every": int,
-                                "cache_gb": float, "device": str},
+                                "cache_gb": float, "device": str, "weight_decay": float,
+                                "eta_min": float},
                         f"{source}: train")
         if train["amp"] is False:  # YAML reads a bare `off` as false
             train["amp"] = "off"
@@ -138,6 +144,9 @@ class RunConfig:
         if train["sampling"] not in SAMPLINGS:
             raise ConfigError(f"{source}: train.sampling {train['sampling']!r} unknown; choose one "
                               f"of {SAMPLINGS}")
+        if train["schedule"] not in SCHEDULES:
+            raise ConfigError(f"{source}: train.schedule {train['schedule']!r} unknown; choose one "
+                              f"of {SCHEDULES}")
         if not isinstance(train["cache_features"], bool):
             raise ConfigError(f"{source}: train.cache_features must be true or false")
         train["betas"] = [float(b) for b in train.get("betas", (0.9, 0.999))]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -79,6 +80,18 @@ def _phase_steps(phase: TrainPhase, steps_per_epoch: int) -> int:
     if phase.epochs is None:
         raise ValueError(f"phase {phase.name}: set train.epochs or train.steps")
     return int(phase.epochs) * steps_per_epoch
+
+
+def learning_rate(train: dict, step: int, steps_per_epoch: int, total: int) -> float:
+    """The rate of ``step`` (0-based) of a phase of ``total`` steps: ``train.lr``, or with
+    ``train.schedule: cosine`` torch's ``CosineAnnealingLR`` stepped once per epoch with
+    ``T_max`` the phase's epochs, in closed form so a resumed run continues it exactly."""
+    if train["schedule"] == "constant":
+        return float(train["lr"])
+    epochs = max(1, math.ceil(total / steps_per_epoch))
+    t = step // steps_per_epoch
+    lr, low = float(train["lr"]), float(train["eta_min"])
+    return low + (lr - low) * (1 + math.cos(math.pi * t / epochs)) / 2
 
 
 def _save_state(path: Path, head: AnomalyHead, phase: int, step: int,
@@ -172,7 +185,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
                              (cfg.seed, p), loader, cfg.train["sampling"])
         total = _phase_steps(phase, source.steps_per_epoch)
         optimizer = torch.optim.Adam(phase.parameters, lr=cfg.train["lr"],
-                                     betas=tuple(cfg.train["betas"]))
+                                     betas=tuple(cfg.train["betas"]),
+                                     weight_decay=cfg.train["weight_decay"])
         scaler = grad_scaler(device, amp)
         first = start_step if p == start_phase else 0
         if p == start_phase and opt_state is not None:
@@ -196,6 +210,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
             images = images.to(device, non_blocking=True)
             labels, masks = labels.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             planes = tuple(p.to(device, non_blocking=True) for p in planes)
+            lr = learning_rate(cfg.train, step, source.steps_per_epoch, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             with autocast(device, amp):
                 if cache is not None:
                     inputs = cache.features(keys.tolist(), images,
@@ -218,7 +235,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
             if done % cfg.train["log_every"] == 0 or done == total:
-                record = {"phase": phase.name, "step": done, "loss": loss.item(), **parts,
+                record = {"phase": phase.name, "step": done, "loss": loss.item(), "lr": lr, **parts,
                           "seconds": round(time.perf_counter() - t0, 3)}
                 with log_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")

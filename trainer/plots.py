@@ -104,7 +104,7 @@ def plot_loss(path: Path, log_file: Path, title: str) -> None:
     phases = list(dict.fromkeys(r["phase"] for r in records))
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.2), squeeze=False)
-    skip = {"phase", "step", "seconds"}
+    skip = {"phase", "step", "seconds", "lr"}
     for ax, phase in zip(axes.flat, phases, strict=True):
         rows = [r for r in records if r["phase"] == phase]
         steps = [r["step"] for r in rows]

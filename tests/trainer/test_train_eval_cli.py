@@ -246,3 +246,29 @@ def test_a_running_evaluation_keeps_its_folder(tmp_path):
     assert eval_dir_for(tmp_path, cfg).name == "eval-2shot"  # its owner is gone: stale
     assert _start_partial(tmp_path / "eval-2shot") == partial
     assert not (partial / "metrics-so-far").exists()
+
+
+def test_cosine_schedule_is_torchs_per_epoch_annealing_and_reaches_the_optimizer(tmp_path):
+    from edge_inspect.trainer.fit import learning_rate
+
+    # IIPAD's official schedule: eta_min above the base rate, so the rate climbs
+    settings = {"schedule": "cosine", "lr": 1e-5, "eta_min": 0.05}
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=0.05)
+    for epoch in range(20):
+        for step in range(epoch * 3, epoch * 3 + 3):  # 3 steps an epoch, 60 in all
+            assert learning_rate(settings, step, 3, 60) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+    assert learning_rate({"schedule": "constant", "lr": 1e-3}, 7, 3, 60) == 1e-3
+    # 12 shots in batches of 4: 3 steps an epoch, 4 epochs
+    cfg = RunConfig.from_yaml(ROOT / "configs/iipad/tiny-synthetic.yaml", [
+        "train.epochs=4", "train.log_every=1", "train.schedule=cosine", "train.eta_min=0.01",
+        "train.weight_decay=1.0e-4"])
+    train(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx(
+        [learning_rate(cfg.train, step, 3, 12) for step in range(12)])
+    assert records[0]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] > 5e-3  # climbing to 0.01
+    with pytest.raises(ConfigError, match="train.schedule 'linear' unknown"):
+        RunConfig.from_yaml(CMAD, ["train.schedule=linear"])
