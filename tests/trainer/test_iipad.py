@@ -134,8 +134,12 @@ def test_official_image_score_subtracts_normal_probability_and_key_similarity(tr
     feats = head.encode(images)
     entry = head.forward_with_features(images)[2]
     idx, sim = head.retrieve(entry["keys"])
-    bank = F.normalize(head.memory["prompts"][idx].mean(dim=1), dim=-1)
-    p_normal = ((bank @ F.normalize(feats["g"], dim=-1)[:, :, None])[..., 0] / 0.07).softmax(-1)[:, 0]
+    g = F.normalize(feats["g"], dim=-1)
+    p_normal = torch.zeros(3)
+    for b in range(3):  # the code's order: each retrieved entry's softmax, then the mean
+        for j in idx[b].tolist():
+            pair = head.memory["prompts"][j] @ g[b] / 0.07
+            p_normal[b] += pair.softmax(dim=0)[0] / idx.shape[1]
     torch.testing.assert_close(official, paper - p_normal - sim.mean(dim=1), atol=1e-5, rtol=1e-5)
 
 

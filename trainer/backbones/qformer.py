@@ -17,7 +17,9 @@ text "object". What that model computes, and what this module computes:
 
 The official IIPAD code passes ``['object'] * 10`` and averages the 10 outputs; they are
 identical without dropout, so one copy is computed. The image is the same CLIP-normalized 224
-tensor the CLIP tower sees (as in the official code).
+tensor the CLIP tower sees, as the official code feeds it at test time (its training and bank
+building use BLIP-Diffusion's own image preprocessing instead; here one preprocessing serves
+training, export and the runtime).
 """
 
 from __future__ import annotations

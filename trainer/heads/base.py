@@ -86,8 +86,9 @@ class AnomalyHead(nn.Module):
     # Raw planes the head takes after the RGB image, in order (``xyz`` / ``depth``: PIRN's
     # 3D plane); each is ``(B, C, H, W)`` float32 at the input size, not normalized.
     planes: tuple[str, ...] = ()
-    # True when the K shots train the head (PIRN) instead of filling a memory: ``train``
-    # fits on the shots the evaluation draws, and the evaluation enrolls nothing.
+    # True when the K shots train the head (PIRN, IIPAD): ``train`` fits on the shots the
+    # evaluation draws; the evaluation enrolls nothing, unless the head's memory spans the
+    # classes (below), which it fills from the same shots.
     learns_from_shots: bool = False
     # True when one memory holds the shots of every class of a target dataset and the head
     # finds an image's class itself (IIPAD, one-for-all): the evaluation enrolls every

@@ -1,8 +1,8 @@
 """IIPAD's guidance losses (seeds/IIPAD.txt section 3.2, Eq. 6-12), batched over images.
 
-``<a, b>`` is cosine similarity divided by a temperature ``tau``: the paper prints plain
-cosines; its code scores with CLIP's 0.07 (research/official_code.md 3f), which the head
-uses by default (``tau = 1`` gives the formulas as printed).
+``<a, b>`` is cosine similarity divided by a temperature ``tau``; the head trains with
+``tau = 1`` (``head.loss_temperature``): the formulas as printed, and the official code's
+losses use plain cosines too.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def token_alignment(tokens: torch.Tensor, patches: torch.Tensor, sparsity: float
 
     ``M = <p_t, v_r>`` (T' x R) is min-max normalised over patches, entries below
     ``sparsity`` (1/256) are zeroed, and the kept weights, normalised to sum 1 per token,
-    pool the patches into ``v~_t``. (The paper divides by the sum of the raw M, which can be
-    near zero or negative for cosines; normalising the kept weights is the evident intent.)
+    pool the patches into ``v~_t``. (The paper prints the sum of the raw M as the divisor,
+    which can be near zero or negative for cosines; the official code divides by the sum of
+    the kept weights, as here.)
     The loss is the symmetric InfoNCE of ``p_t`` and ``v~_t`` over the T' tokens.
     ``tokens (B, T', D)``, ``patches (B, R, D)``; returns ``(B,)``.
     """

@@ -24,19 +24,20 @@ the M key tokens of the dot product with entry ``i``'s token in the same slot; t
 
 * Eq. 15: ``e_bar = normalize((mean of retrieved e + own e) / 2)`` per state;
 * Eq. 16: ``A^p = mean_j softmax(<F_j, e_bar^a>, <F_j, e_bar^n>)`` (cosines / ``temperature``
-  0.07 as the code scores; the paper prints plain cosines);
+  0.07 as the code scores at test time; the paper prints plain cosines, ``temperature: 1``);
 * Eq. 17: ``A^v = sum over the 2 memory taps of min over the retrieved entries' patches of
   (1 - cos) / 2``;
 * Eq. 18: map ``A^p + A^v`` (bilinear to the input, Gaussian sigma 4 as the code), image
   score ``max A^p + max A^v`` on the patch grid. ``image_score: official`` is the code's:
-  that minus ``p_normal`` of ``g`` against the retrieved prompts' mean minus the mean
-  ``sim`` of the retrieved entries.
+  that minus the mean over the retrieved entries of ``p_normal`` (``g`` against each
+  entry's two prompts, softmax at 0.07) minus their mean ``sim``.
 
 Without a memory (before enrollment) the map is ``A^p`` from the image's own prompts.
 
-The memory has a fixed ``capacity`` (entries) and a validity mask, so the exported graph
-takes it as inputs of fixed shape and retrieves with TopK + Gather, exactly as here; a
-category is added by enrolling its images, not by training. ``condition: class_token``
+The memory has a fixed ``capacity`` (entries) and a validity mask, so that an exported
+graph can take it as inputs of fixed shape and retrieve with TopK + Gather as here (the
+export itself is not written yet: :meth:`IipadHead.check_exportable` refuses); a category
+is added by enrolling its images, not by training. ``condition: class_token``
 (the edge variant, :mod:`.prompts`) needs no Q-Former: the key is the normalized ``g``.
 """
 
@@ -93,7 +94,11 @@ def manual_prompts(kind: str) -> tuple[list[str], list[str]]:
 
 @dataclass
 class IipadConfig:
-    """IIPAD hyperparameters; defaults are the paper's (A.1) unless the docstring says."""
+    """IIPAD hyperparameters; defaults are the paper's (A.1) except: ``temperature`` (the
+    map's, the code's 0.07; the paper prints plain cosines), ``manual_prompts`` (``general``
+    so any dataset works; the paper uses its dataset's list, ``mvtec`` / ``visa``, and its
+    Table 10 shows the general list does worse: paper configs set it) and
+    ``prefix_init_std`` (our choice). ``synthetic_noise``: the paper's 1; the code's is 2."""
 
     taps: tuple[int, ...] = (6, 12, 18, 24)
     memory_taps: tuple[int, ...] = (6, 18)
@@ -103,7 +108,8 @@ class IipadConfig:
     condition: str = "qformer"  # "class_token": the edge variant
     qformer: str | None = None  # a diffusers BlipDiffusionPipeline folder (condition qformer)
     class_token: str = "ln_post"  # "no_ln_post": the official code's global feature
-    temperature: float = 0.07
+    temperature: float = 0.07  # the maps (Eq. 16) and the official score
+    loss_temperature: float = 1.0  # Eq. 6-11 as printed (and as the code trains)
     alpha: float = 8.0  # textual guidance
     beta: float = 8.0  # token-level alignment
     sparsity: float = 1 / 256
@@ -232,10 +238,11 @@ class IipadHead(AnomalyHead):
             prompts = F.normalize((bank_prompts + entry["prompts"]) / 2, dim=-1)
             visual = self.visual_map(entry["memory"], idx)
             extra = 0.0
-            if self.cfg.image_score == "official":
+            if self.cfg.image_score == "official":  # p_normal per retrieved entry, then the mean
                 g = F.normalize(feats["g"], dim=-1)
-                logits = (F.normalize(bank_prompts, dim=-1) @ g[:, :, None])[..., 0] / self.cfg.temperature
-                extra = -logits.softmax(dim=-1)[:, 0] - sim.mean(dim=1)
+                entries = self.memory["prompts"][idx]  # (B, k, 2, E), normalized
+                logits = torch.einsum("bkse,be->bks", entries, g) / self.cfg.temperature
+                extra = -logits.softmax(dim=-1)[..., 0].mean(dim=1) - sim.mean(dim=1)
         patches = F.normalize(feats["patches"], dim=-1)  # (B, J, R, E)
         logits = torch.einsum("bjre,bse->bjrs", patches, prompts) / self.cfg.temperature
         prompt_map = logits.softmax(dim=-1)[..., 1].mean(dim=1)  # (B, R)

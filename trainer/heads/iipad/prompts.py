@@ -20,8 +20,12 @@ unless said otherwise:
 * ``f_c^n, f_c^a``: mix the M query slots down to m (``M -> M/2 -> m``, LeakyReLU), per
   feature (the code's ``Linear 16 -> 8 -> 4``); the Q-Former's tokens are already in the CLIP
   text-input space (BLIP-Diffusion trains them for it), so their width must be the text width;
-* prefixes start as N(0, 0.02^2) (CoOp's init, which the paper follows; the code draws
-  N(0, 1): ``prefix_init_std: 1.0``); the code's dropout is left out (the paper has none).
+* prefixes start as N(0, 0.02^2) (our choice; the paper gives no init, the code draws
+  N(0, 1): ``prefix_init_std: 1.0``); PyTorch's default init elsewhere (the code uses
+  Kaiming); the code's dropout is left out (the paper has none);
+* left out of the code's generator, as the paper's Eq. 4 has no place for them: a second
+  per-polarity expansion of ``g`` added into ``C`` and a slot-mixing layer inside the ``Z``
+  projections. ``g`` enters L2-normalized, as the code feeds it.
 
 Everything is batched over images; the official code's batch-1 ``.T`` logic is not copied.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -142,6 +147,7 @@ class PromptGenerator(nn.Module):
         return z
 
     def forward(self, g: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        g = F.normalize(g, dim=-1)
         z = self.category_tokens(g, z)
         shared = self.shared(g)
         return self.normal(g, z, shared), self.abnormal(g, z, shared)

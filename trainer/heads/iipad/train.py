@@ -8,7 +8,10 @@ are cached (``train.cache_features``).
 Per batch (Eq. 6-12): ``F_j`` the normalized V-V patch tokens of each tap, ``F^a_j`` their
 synthetic anomalous versions (Eq. 8, on the normalized tokens), then
 ``L = (L_s^n + L_s^a) + beta (L_f^n + L_f^a) + alpha L_t``, each term averaged over taps
-and images.
+and images, on plain cosines (``head.loss_temperature: 1``, as the paper prints them and
+the official code trains). This is the paper's loss; the official code trains another one
+(cosine pull/push toward two ensemble text anchors, ``L_text + 0.125 L_patch + L_fg``),
+which is not offered.
 
 The official schedule (lr 1e-5, weight decay 1e-4, cosine annealing per epoch with
 ``eta_min = 0.05``, so the rate climbs to 0.05) is a switch of the train settings:
@@ -50,7 +53,7 @@ class IipadTraining(MethodTraining):
     def loss(self, head: IipadHead, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
              masks: torch.Tensor, phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = head.cfg
-        tau = cfg.temperature
+        tau = cfg.loss_temperature
         e_n, e_a, tok_n, tok_a = head.prompt_embeddings(inputs["g"], inputs.get("z"))
         normal = [F.normalize(inputs["patches"][:, j].float(), dim=-1) for j in range(len(cfg.taps))]
         synthetic = synthetic_anomalous(normal, cfg.synthetic_noise)
