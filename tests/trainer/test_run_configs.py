@@ -60,3 +60,20 @@ def test_pirn_paper_settings():
         assert cfg.train["epochs"] == 80 and cfg.train["lr"] == 1e-4
         if kind == "eyecandies":
             assert cfg.target_data[0].options["render"] == "rgb"  # RGB with its point map
+
+
+def test_iipad_paper_settings():
+    """MVTec and VisA one-for-all: ViT-L/14 at 224, V-V from block 6, T = 24, m = 4, taps
+    6/12/18/24, memory taps 6 and 18, alpha = beta = 8, Adam 1e-3 x 20, the dataset's prompts."""
+    for kind in ("mvtec", "visa"):
+        cfg = RunConfig.from_yaml(ROOT / f"configs/iipad/vitl14-224-{kind}.yaml")
+        assert (cfg.method, cfg.backbone.arch, cfg.backbone.input_size) == ("iipad", "ViT-L-14", 224)
+        assert cfg.shots == 1 and cfg.target_data[0].kind == kind and not cfg.train_data
+        h = cfg.head
+        assert (tuple(h["taps"]), tuple(h["memory_taps"]), h["vv_from"]) == ((6, 12, 18, 24), (6, 18), 6)
+        assert (h["prefix"], h["category"], h["manual_prompts"]) == (24, 4, kind)
+        assert cfg.train["epochs"] == 20 and cfg.train["lr"] == 1e-3 and cfg.train["schedule"] == "constant"
+        from edge_inspect.trainer.heads.iipad.model import IipadConfig
+
+        full = IipadConfig(**cfg.head_kwargs())
+        assert (full.alpha, full.beta, full.sparsity, full.loss_temperature) == (8.0, 8.0, 1 / 256, 1.0)
