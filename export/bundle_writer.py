@@ -155,7 +155,7 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
     for k in feature_names:
         dynamic[f"feature.{k}"] = {axes[k]: "batch"}
     for k, v in memory.items():
-        if v.ndim >= 2:
+        if v.ndim >= 2 and not head.memory_capacity_fixed:
             dynamic[f"memory.{k}"] = {v.ndim - 2: "memory_rows"}
 
     with staged_bundle(out) as tmp:
@@ -299,7 +299,8 @@ def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats:
         "memory": ({"file": "memory.npz", "arrays": {k: list(v.shape) for k, v in memory.items()},
                     "inputs": [f"memory.{k}" for k in memory],
                     "recipe": recipe(head) if recipe else None} if memory else None),
-        "shots": cfg.shots if memory else 0,
+        # images in the memory: K, or every enrolled image of a memory spanning categories
+        "shots": (int(memory["valid"].sum()) if head.memory_capacity_fixed else cfg.shots) if memory else 0,
         "threshold": ckpt.calibration,
         "config": cfg.to_dict(),
         "checkpoint": {"file": str(checkpoint), "sha256": sha256_file(checkpoint),

@@ -8,6 +8,8 @@ memory (per detector when the recipe names detectors: their thresholds go into t
 the decision threshold is 1). The result is a new
 bundle folder (model and parity report hard-linked or copied, new ``memory.npz`` and
 manifest), written under a temporary name and renamed: the old bundle stays as it was.
+``--append`` keeps the bundle's memory entries and adds the shots after them (recipes that
+can grow: a memory spanning categories, where a new part is a new category's shots).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="new bundle folder (default: <bundle>.enrolled-<UTC time>)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--append", action="store_true",
+                        help="add the shots to the bundle's memory instead of replacing it (a "
+                             "memory spanning categories, IIPAD: a new part on a running line)")
 
 
 def _frames(paths: list[Path], bundle) -> np.ndarray:
@@ -80,7 +85,7 @@ def _features(engine, paths: list[Path], batch: int, turns: int = 1) -> dict[str
 
 def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = None,
            false_alarm_rate: float | None = None, calibration_images: int = 400, seed: int = 0,
-           batch: int = 8, reference: int | None = None) -> Path:
+           batch: int = 8, reference: int | None = None, append: bool = False) -> Path:
     from edge_inspect.runtime.engines import open_engine
 
     bundle = load_bundle(bundle_dir)
@@ -123,7 +128,8 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
     engine = open_engine(bundle)
     turns = int(recipe.get("shot_turns", 1))
     memory = build_memory(recipe, _features(engine, shot_files, batch, turns),
-                          _features(engine, ref_files, batch) if ref_files else None)
+                          _features(engine, ref_files, batch) if ref_files else None,
+                          dict(bundle.memory) if append else None)
     if set(memory) != set(bundle.memory):
         raise BundleError(f"enrollment built {sorted(memory)} but the bundle's memory has "
                           f"{sorted(bundle.memory)}; re-export the bundle")
@@ -148,12 +154,12 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
         np.savez(tmp / m["memory"]["file"], **memory)
         new = dict(m)
         new["memory"] = dict(m["memory"], arrays={k: list(v.shape) for k, v in memory.items()})
-        new["shots"] = shots
+        new["shots"] = shots + (int(m.get("shots", 0)) if append else 0)
         new["threshold"] = calibration
         new["enrollment"] = {"tool": "edge-inspect enroll (no torch)", "from_bundle": str(bundle_dir),
                              "normal_dir": str(normal_dir), "shots": [p.name for p in shot_files],
                              "reference_images": [p.name for p in ref_files],
-                             "calibration_images": len(calib_files), "seed": seed,
+                             "calibration_images": len(calib_files), "seed": seed, "append": append,
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         new["files"] = {name: sha256_file(tmp / name) for name in m["files"]}
         (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
@@ -169,12 +175,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = enroll(args.bundle, args.normal_dir, args.shots, args.out, args.false_alarm_rate,
-                 args.calibration_images, args.seed, args.batch, args.reference_images)
+                 args.calibration_images, args.seed, args.batch, args.reference_images, args.append)
     m = json.loads((out / MANIFEST).read_text())
     t = m["threshold"]
     n_ref = len(m["enrollment"]["reference_images"])
     ref = f", {n_ref} reference normal images" if n_ref else ""
-    print(f"new bundle: {out} ({args.shots} shots{ref}; old bundle kept at {args.bundle})")
+    added = " added to the memory" if args.append else ""
+    print(f"new bundle: {out} ({args.shots} shots{added}{ref}; old bundle kept at {args.bundle})")
     print(f"threshold {t['threshold']:.6g} for a {t['target_false_alarm_rate']:.2%} false-alarm rate "
           f"({t['n_normal']} held-out normal images)")
     for name, d in (t.get("detectors") or {}).items():

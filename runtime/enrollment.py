@@ -20,7 +20,12 @@ so enrollment needs neither the trainer nor its config):
   into the bank, the unturned shots alone give the fold reference and the window Gaussian.
   Recipes that
   name ``detectors`` also carry per-detector thresholds (``detector_threshold``, 1 until calibrated:
-  ``edge-inspect enroll`` sets them from its calibration images).
+  ``edge-inspect enroll`` sets them from its calibration images);
+* ``category_aware`` (IIPAD): one entry per image -- its keys, memory features and prompt
+  embeddings (the graph's ``feature.keys`` / ``feature.memory`` / ``feature.prompts``, already
+  normalized) -- in arrays of the recipe's fixed ``capacity`` with a validity mask; with
+  ``existing`` (``enroll --append``) the new entries follow the bundle's valid ones, so a new
+  category joins the others.
 
 Tests compare every array with the torch enrollment of the same shots.
 """
@@ -188,18 +193,52 @@ def reference_images(recipe: dict | None) -> int:
     return int((recipe or {}).get("reference_images", 0))
 
 
+def category_aware_recipe(params: dict, features: dict[str, np.ndarray],
+                          reference: dict[str, np.ndarray] | None = None,
+                          existing: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """``category_aware``: ``existing``'s valid entries (none without it), then one per shot."""
+    cap, k = int(params["capacity"]), int(params["retrieve"])
+    new = {"keys": features["keys"], "bank": features["memory"], "prompts": features["prompts"]}
+    n_old = 0 if existing is None else int(existing["valid"].sum())
+    n = n_old + new["keys"].shape[0]
+    if n > cap:
+        raise ValueError(f"{n} memory entries ({n_old} in the bundle + {n - n_old} shots) exceed its "
+                         f"capacity of {cap}; export with a larger head.capacity")
+    if n < k:
+        raise ValueError(f"{n} memory entries, but the bundle retrieves {k} per frame: enroll at "
+                         f"least {k - n_old} shots")
+    out = {}
+    for name, rows in new.items():
+        arr = np.zeros((cap, *rows.shape[1:]), np.float32)
+        if n_old:
+            arr[:n_old] = existing[name][:n_old]
+        arr[n_old:n] = rows
+        out[name] = arr
+    out["valid"] = (np.arange(cap) < n).astype(np.float32)
+    return out
+
+
 # Recipe kinds a manifest may name (``memory.recipe.kind``); a method's spec picks one.
-RECIPES = {"bank_per_set": bank_recipe, "patch_memory": patch_memory_recipe}
+RECIPES = {"bank_per_set": bank_recipe, "patch_memory": patch_memory_recipe,
+           "category_aware": category_aware_recipe}
+APPENDABLE = ("category_aware",)  # recipes whose memory can grow by ``enroll --append``
 
 
 def build_memory(recipe: dict | None, features: dict[str, np.ndarray],
-                 reference: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                 reference: dict[str, np.ndarray] | None = None,
+                 existing: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The memory arrays from a bundle's feature outputs (batch = shots; ``reference``: of
-    the :func:`reference_images` held-out normals), as its recipe says."""
+    the :func:`reference_images` held-out normals), as its recipe says; ``existing``: the
+    bundle's memory, kept and added to (:data:`APPENDABLE` recipes only)."""
     kind = (recipe or {}).get("kind")
     if kind not in RECIPES:
         raise ValueError(f"memory recipe {kind!r} unknown to this runtime (it knows {list(RECIPES)}); "
                          "re-export the bundle or upgrade edge-inspect")
+    if existing is not None:
+        if kind not in APPENDABLE:
+            raise ValueError(f"--append: a {kind} memory holds one part's shots and cannot grow; "
+                             "enroll without --append to replace it")
+        return RECIPES[kind](recipe, features, reference, existing)
     return RECIPES[kind](recipe, features, reference)
 
 

@@ -60,3 +60,17 @@ def bundles(runs, tmp_path_factory) -> dict[str, Path]:
                            ("memory", runs["memory"], True)):
         out[name] = export_bundle(run, base / name, enrolled(run) if few else None)
     return out
+
+
+@pytest.fixture(scope="session")
+def iipad_run(tmp_path_factory):
+    """``(config, run folder, eval report)``: the tiny IIPAD config trained on its three
+    generated categories and evaluated one-for-all (enrolled checkpoints in ``eval/``)."""
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.evaluate import evaluate_run
+    from edge_inspect.trainer.fit import train
+
+    run = tmp_path_factory.mktemp("iipad") / "run"
+    cfg = RunConfig.from_yaml(ROOT / "configs/iipad/tiny-synthetic.yaml")
+    train(cfg, run)
+    return cfg, run, evaluate_run(cfg, run / "checkpoint.safetensors", run / "eval")

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from edge_inspect.trainer.config import RunConfig, build_head
 from edge_inspect.trainer.data.batches import BatchLoader
 from edge_inspect.trainer.data.synthetic import SyntheticDefects
-from edge_inspect.trainer.evaluate import evaluate_run, load_head, score_items
-from edge_inspect.trainer.fit import train
+from edge_inspect.trainer.evaluate import load_head, score_items
 from edge_inspect.trainer.metrics import auroc
 from tests.conftest import ROOT
 
@@ -23,12 +22,8 @@ CATEGORIES = ("stripes", "grain", "weave")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("iipad") / "run"
-    cfg = RunConfig.from_yaml(CONFIG)
-    train(cfg, run)
-    report = evaluate_run(cfg, run / "checkpoint.safetensors", run / "eval")
-    return cfg, run, report
+def trained(iipad_run):
+    return iipad_run
 
 
 def _loader(head, cfg):

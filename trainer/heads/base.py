@@ -94,6 +94,9 @@ class AnomalyHead(nn.Module):
     # finds an image's class itself (IIPAD, one-for-all): the evaluation enrolls every
     # class's shots once, then scores each class against that one memory.
     memory_spans_classes: bool = False
+    # True when the memory tensors have a fixed size (IIPAD: ``capacity`` entries and a
+    # validity mask): the exported graph's memory inputs get no dynamic axis.
+    memory_capacity_fixed: bool = False
     # The tensor a carried-state bundle feeds from one frame of a camera to its next (PIRN's
     # refined prototypes); None: the head is stateless. See :meth:`forward_carried`.
     carried_state: str | None = None

@@ -34,10 +34,12 @@ the M key tokens of the dot product with entry ``i``'s token in the same slot; t
 
 Without a memory (before enrollment) the map is ``A^p`` from the image's own prompts.
 
-The memory has a fixed ``capacity`` (entries) and a validity mask, so that an exported
-graph can take it as inputs of fixed shape and retrieve with TopK + Gather as here (the
-export itself is not written yet: :meth:`IipadHead.check_exportable` refuses); a category
-is added by enrolling its images, not by training. ``condition: class_token``
+The memory has a fixed ``capacity`` (entries) and a validity mask, so the exported graph
+takes it as inputs of fixed shape (``memory.keys``, ``memory.bank``, ``memory.prompts``,
+``memory.valid``) and retrieves with TopK + Gather exactly as here; its feature outputs are
+one memory entry per frame, from which ``edge-inspect enroll`` (recipe ``category_aware``,
+``--append`` for a new category) rebuilds the memory without torch. A category is added by
+enrolling its images, not by training. ``condition: class_token``
 (the edge variant, :mod:`.prompts`) needs no Q-Former: the key is the normalized ``g``.
 """
 
@@ -140,6 +142,7 @@ class IipadHead(AnomalyHead):
     method = "iipad"
     learns_from_shots = True  # the generator trains on the K shots of every category
     memory_spans_classes = True  # one memory holds every category's shots (one-for-all)
+    memory_capacity_fixed = True  # capacity entries and a validity mask: fixed graph inputs
 
     def __init__(self, clip: ClipModel, qformer: QFormer | None, cfg: IipadConfig) -> None:
         super().__init__()
@@ -169,8 +172,10 @@ class IipadHead(AnomalyHead):
         self.memory: dict[str, torch.Tensor] | None = None
 
     def check_exportable(self) -> None:
-        raise ValueError("IIPAD does not export yet: its padded memory inputs and torch-free "
-                         "enrollment are the next step of issue 15; evaluate it with edge-inspect eval")
+        if self.memory is None:
+            raise ValueError("an IIPAD bundle needs its memory: export an enrolled checkpoint "
+                             "(eval writes <run>/eval-<K>shot/enrolled/<dataset>-<class>.safetensors, "
+                             "every category's shots) with --checkpoint")
 
     def train(self, mode: bool = True) -> IipadHead:
         super().train(mode)
