@@ -5,7 +5,8 @@ On the tiny random-weight CLIP and Q-Former the prompts carry no defect semantic
 synthetic anomalous features (Eq. 8) are mostly noise and the random text tower knows no
 words, so this shows whether training moves the prompt map at all, not IIPAD's accuracy.
 
-    .venv/bin/edge-inspect train --config configs/iipad/tiny-synthetic.yaml --run-dir runs/iipad-tiny --no-eval
+    .venv/bin/edge-inspect train --config configs/iipad/tiny-synthetic.yaml \
+        --run-dir runs/iipad-tiny --no-eval
     .venv/bin/python benchmarks/iipad_prompt_map.py --run runs/iipad-tiny
 
 Writes <out>/iipad_prompt_map.md (default benchmarks/results/).
