@@ -104,3 +104,23 @@ def test_enrollment_limits_are_named(bundle):
     with pytest.raises(ValueError, match="--append: a bank_per_set memory holds one part's shots"):
         build_memory({"kind": "bank_per_set"}, {"features": np.zeros((1, 2, 3, 4))},
                      existing={"bank": np.zeros((1, 6, 4))})
+
+
+def test_the_edge_variant_exports_with_the_parity_gate_and_without_the_qformer(bundle, tmp_path):
+    from edge_inspect.export.bundle_writer import export_bundle
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.evaluate import evaluate_run
+    from edge_inspect.trainer.fit import train
+    from tests.conftest import ROOT
+
+    cfg = RunConfig.from_yaml(ROOT / "configs/iipad/tiny-synthetic.yaml", [
+        "head.condition=class_token", "head.qformer=null", "train.epochs=2"])
+    run = tmp_path / "edge"
+    train(cfg, run)
+    evaluate_run(cfg, run / "checkpoint.safetensors", run / "eval")
+    out = export_bundle(run, tmp_path / "edge-bundle", run / "eval" / "enrolled" / "synth-grain.safetensors")
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    keys = load_bundle(out).memory["keys"]
+    assert keys.shape[1] == 1  # one key per entry: the class token
+    full, edge = (bundle[0] / "model.onnx").stat().st_size, (out / "model.onnx").stat().st_size
+    assert edge < full  # no second vision tower in the graph
