@@ -4,8 +4,9 @@ Steps: build the head from the run's config, load the checkpoint (an enrolled on
 the few-shot memory and the threshold), export the graph (opset 17, fixed input size,
 dynamic batch and memory rows), run torch and ONNX Runtime (CPU, fp32) on real images and
 refuse to write unless image scores agree within 1e-4 and maps within 1e-3, then write
-``model.onnx``, ``memory.npz``, ``parity.json`` and ``manifest.json`` (sha256 of every file)
-into a temporary folder renamed into place: a failed export leaves nothing behind.
+``model.onnx`` (and ``model.onnx.data``, the weights, for graphs over 1.8 GB), ``memory.npz``,
+``parity.json`` and ``manifest.json`` (sha256 of every file) into a temporary folder renamed
+into place: a failed export leaves nothing behind.
 
 ``carry_state`` (``--carry-state``; PIRN) exports the head's carried state as a graph input
 and output and declares it in the manifest (``state``: initial value in ``state.npz``,
@@ -41,6 +42,33 @@ from edge_inspect.trainer.heads.registry import get_method
 log = logging.getLogger(__name__)
 OPSET = 17
 SCORE_TOL, MAP_TOL = 1e-4, 1e-3
+# Graphs above this keep their weights in one file beside the graph (``model.onnx.data``):
+# ONNX's protobuf cannot hold more than 2 GB (IIPAD at ViT-L sizes with its Q-Former).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+EXTERNAL_DATA = "model.onnx.data"
+
+
+def _gather_external_data(model_path: Path) -> list[str]:
+    """One weights file beside a large graph; returns the data file names to checksum.
+
+    For a graph over 2 GB the exporter itself writes every tensor to its own file beside the
+    graph; those (any file in the staging folder besides the graph, which is written first)
+    are gathered into :data:`EXTERNAL_DATA`, as is any graph over :data:`EXTERNAL_DATA_BYTES`.
+    ONNX Runtime and TensorRT read the data file from the graph's folder.
+    """
+    import onnx
+
+    stray = [p for p in model_path.parent.iterdir() if p != model_path]
+    total = model_path.stat().st_size + sum(p.stat().st_size for p in stray)
+    if not stray and total <= EXTERNAL_DATA_BYTES:
+        return []
+    model = onnx.load(str(model_path))  # reads the exporter's per-tensor files
+    for p in stray:
+        p.unlink()
+    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+    log.info("weights of %s (%.2f GB) kept in %s beside it", model_path.name, total / 1e9, EXTERNAL_DATA)
+    return [EXTERNAL_DATA]
 STATE_TOL = 1e-3
 
 
@@ -169,7 +197,7 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
                               dynamic_axes=dynamic, do_constant_folding=True)
         head.load_memory_state(memory)  # export bound graph inputs into the head: restore
         log.info("exported %s in %.1f s", model_path, time.perf_counter() - t0)
-        files = ["model.onnx"]
+        files = ["model.onnx", *_gather_external_data(model_path)]
         if memory:
             np.savez(tmp / "memory.npz", **{k: v.numpy() for k, v in memory.items()})
             files.append("memory.npz")
