@@ -11,7 +11,9 @@ synthetic anomalous versions (Eq. 8, on the normalized tokens), then
 and images, on plain cosines (``head.loss_temperature: 1``, as the paper prints them and
 the official code trains). This is the paper's loss; the official code trains another one
 (cosine pull/push toward two ensemble text anchors, ``L_text + 0.125 L_patch + L_fg``),
-which is not offered.
+which is not offered: it needs the code's own template and defect-phrase lists (read in a
+public copy of the code, handevmin/One-For-All-Few-Shot-Anomaly-Detection at 22325b9),
+which we do not copy.
 
 The official schedule (lr 1e-5, weight decay 1e-4, cosine annealing per epoch with
 ``eta_min = 0.05``, so the rate climbs to 0.05) is a switch of the train settings:
