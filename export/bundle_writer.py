@@ -2,7 +2,8 @@
 
 Steps: build the head from the run's config, load the checkpoint (an enrolled one brings
 the few-shot memory and the threshold), export the graph (opset 17, fixed input size,
-dynamic batch and memory rows), run torch and ONNX Runtime (CPU, fp32) on real images and
+dynamic batch, and dynamic memory rows unless the head's memory has a fixed capacity), run
+torch and ONNX Runtime (CPU, fp32) on real images and
 refuse to write unless image scores agree within 1e-4 and maps within 1e-3, then write
 ``model.onnx`` (and ``model.onnx.data``, the weights, for graphs over 1.8 GB), ``memory.npz``,
 ``parity.json`` and ``manifest.json`` (sha256 of every file) into a temporary folder renamed
@@ -52,19 +53,23 @@ def _gather_external_data(model_path: Path) -> list[str]:
     """One weights file beside a large graph; returns the data file names to checksum.
 
     For a graph over 2 GB the exporter itself writes every tensor to its own file beside the
-    graph; those (any file in the staging folder besides the graph, which is written first)
-    are gathered into :data:`EXTERNAL_DATA`, as is any graph over :data:`EXTERNAL_DATA_BYTES`.
+    graph; those files (the graph's external-data locations, nothing else) are gathered into
+    :data:`EXTERNAL_DATA`, as are the weights of any graph over :data:`EXTERNAL_DATA_BYTES`.
     ONNX Runtime and TensorRT read the data file from the graph's folder.
     """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-    stray = [p for p in model_path.parent.iterdir() if p != model_path]
-    total = model_path.stat().st_size + sum(p.stat().st_size for p in stray)
-    if not stray and total <= EXTERNAL_DATA_BYTES:
+    model = onnx.load(str(model_path), load_external_data=False)
+    folder = model_path.parent
+    scattered = sorted({entry.value for t in model.graph.initializer if uses_external_data(t)
+                        for entry in t.external_data if entry.key == "location"})
+    total = model_path.stat().st_size + sum((folder / name).stat().st_size for name in scattered)
+    if not scattered and total <= EXTERNAL_DATA_BYTES:
         return []
-    model = onnx.load(str(model_path))  # reads the exporter's per-tensor files
-    for p in stray:
-        p.unlink()
+    load_external_data_for_model(model, str(folder))
+    for name in scattered:
+        (folder / name).unlink()
     onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA, size_threshold=1024)
     log.info("weights of %s (%.2f GB) kept in %s beside it", model_path.name, total / 1e9, EXTERNAL_DATA)

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_inspect.runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file, staged_bundle
 from edge_inspect.runtime.calibration import calibrate_detectors, calibrate_false_alarm_rate, normals_needed
-from edge_inspect.runtime.enrollment import build_memory, quarter_turns, reference_images
+from edge_inspect.runtime.enrollment import APPENDABLE, build_memory, quarter_turns, reference_images
 from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
 
 
@@ -125,6 +125,20 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
                          f"({shots} shots{ref} + {need}) in {normal_dir}, pass --false-alarm-rate "
                          "or --calibration-images")
 
+    if append:  # refused before any image is scored
+        if recipe.get("kind") not in APPENDABLE:
+            raise ValueError(f"--append: {bundle_dir}'s {recipe.get('kind')} memory holds one part's "
+                             "shots and cannot grow; enroll without --append to replace it")
+        k, cap = int(recipe["retrieve"]), int(recipe["capacity"])
+        n_old = int((bundle.memory["valid"] > 0.5).sum())
+        if shots < k:
+            raise ValueError(f"--append: a new category needs at least {k} shots (the bundle "
+                             f"retrieves {k} memory entries per frame), got --shots {shots}")
+        if n_old + shots > cap:
+            raise ValueError(f"--append: {n_old} entries + {shots} shots exceed the memory's {cap} "
+                             "rows: evaluate the run with --set head.capacity=<more> and export "
+                             "that enrolled checkpoint")
+
     engine = open_engine(bundle)
     turns = int(recipe.get("shot_turns", 1))
     memory = build_memory(recipe, _features(engine, shot_files, batch, turns),
@@ -133,6 +147,12 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
     if set(memory) != set(bundle.memory):
         raise BundleError(f"enrollment built {sorted(memory)} but the bundle's memory has "
                           f"{sorted(bundle.memory)}; re-export the bundle")
+    if recipe.get("kind") in APPENDABLE:  # fixed-size graph inputs: the shapes must stay
+        wrong = {k: (v.shape, bundle.memory[k].shape) for k, v in memory.items()
+                 if v.shape != bundle.memory[k].shape}
+        if wrong:
+            raise BundleError(f"enrollment built memory shapes that differ from the graph's: {wrong}; "
+                              "re-export the bundle")
     bundle.memory = memory
     if detectors:
         name = "feature.detectors"
@@ -145,6 +165,11 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
         scores = np.concatenate(_infer(engine, calib_files, [score], batch)[score])
         cal = calibrate_false_alarm_rate(scores, target)
     calibration = cal.as_dict()
+    if append and old.get("threshold") is not None and old["threshold"] > calibration["threshold"]:
+        # calibrated on the new category alone: keep the earlier categories' (higher) threshold
+        calibration["new_category_threshold"] = calibration["threshold"]
+        calibration["threshold"] = float(old["threshold"])
+        calibration["kept"] = "the bundle's threshold (higher), so earlier categories keep their rate"
 
     out = Path(out or f"{bundle_dir}.enrolled-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     with staged_bundle(out) as tmp:
@@ -154,13 +179,16 @@ def enroll(bundle_dir: Path, normal_dir: Path, shots: int, out: Path | None = No
         np.savez(tmp / m["memory"]["file"], **memory)
         new = dict(m)
         new["memory"] = dict(m["memory"], arrays={k: list(v.shape) for k, v in memory.items()})
-        new["shots"] = shots + (int(m.get("shots", 0)) if append else 0)
+        # K shots, or every image in a memory spanning categories (as the exporter counts)
+        new["shots"] = int((memory["valid"] > 0.5).sum()) if "valid" in memory else shots
         new["threshold"] = calibration
         new["enrollment"] = {"tool": "edge-inspect enroll (no torch)", "from_bundle": str(bundle_dir),
                              "normal_dir": str(normal_dir), "shots": [p.name for p in shot_files],
                              "reference_images": [p.name for p in ref_files],
                              "calibration_images": len(calib_files), "seed": seed, "append": append,
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if append:  # the earlier categories' enrollment stays on record
+            new["enrollment"]["earlier"] = m.get("enrollment")
         new["files"] = {name: sha256_file(tmp / name) for name in m["files"]}
         (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
     return out
@@ -182,6 +210,12 @@ def run(args: argparse.Namespace) -> int:
     ref = f", {n_ref} reference normal images" if n_ref else ""
     added = " added to the memory" if args.append else ""
     print(f"new bundle: {out} ({args.shots} shots{added}{ref}; old bundle kept at {args.bundle})")
+    if (m["memory"].get("recipe") or {}).get("kind") in APPENDABLE and not args.append:
+        print("note: the memory now holds only these shots (earlier categories were replaced); "
+              "--append adds a category instead")
+    if t.get("kept"):
+        print(f"threshold kept at the bundle's {t['threshold']:.6g} (the new category alone gave "
+              f"{t['new_category_threshold']:.6g})")
     print(f"threshold {t['threshold']:.6g} for a {t['target_false_alarm_rate']:.2%} false-alarm rate "
           f"({t['n_normal']} held-out normal images)")
     for name, d in (t.get("detectors") or {}).items():

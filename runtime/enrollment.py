@@ -199,11 +199,22 @@ def category_aware_recipe(params: dict, features: dict[str, np.ndarray],
     """``category_aware``: ``existing``'s valid entries (none without it), then one per shot."""
     cap, k = int(params["capacity"]), int(params["retrieve"])
     new = {"keys": features["keys"], "bank": features["memory"], "prompts": features["prompts"]}
-    n_old = 0 if existing is None else int(existing["valid"].sum())
+    old = {}
+    if existing is not None:
+        if existing["valid"].shape[0] != cap:
+            raise ValueError(f"the bundle's memory has {existing['valid'].shape[0]} rows, its recipe "
+                             f"says {cap}: the bundle is inconsistent, re-export it")
+        keep = existing["valid"] > 0.5  # valid rows wherever they are
+        old = {name: existing[name][keep] for name in new}
+        if new["keys"].shape[0] < k:
+            raise ValueError(f"a new category needs at least {k} shots: the bundle retrieves {k} "
+                             "memory entries per frame")
+    n_old = old["keys"].shape[0] if old else 0
     n = n_old + new["keys"].shape[0]
     if n > cap:
         raise ValueError(f"{n} memory entries ({n_old} in the bundle + {n - n_old} shots) exceed its "
-                         f"capacity of {cap}; export with a larger head.capacity")
+                         f"capacity of {cap}: evaluate the run with --set head.capacity=<more> and "
+                         "export that enrolled checkpoint")
     if n < k:
         raise ValueError(f"{n} memory entries, but the bundle retrieves {k} per frame: enroll at "
                          f"least {k - n_old} shots")
@@ -211,7 +222,7 @@ def category_aware_recipe(params: dict, features: dict[str, np.ndarray],
     for name, rows in new.items():
         arr = np.zeros((cap, *rows.shape[1:]), np.float32)
         if n_old:
-            arr[:n_old] = existing[name][:n_old]
+            arr[:n_old] = old[name]
         arr[n_old:n] = rows
         out[name] = arr
     out["valid"] = (np.arange(cap) < n).astype(np.float32)

@@ -266,8 +266,10 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
     classes, curves, hists = {}, {}, {}
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     splits = {cls: split_normals(cfg, spec, test, train, cls, seed) for cls in test.class_names}
+    every = [item for shots, _, _ in splits.values() for item in shots]
+    memory_images = None  # what an enrolled checkpoint's memory holds, when not the class's shots
     if head.memory_spans_classes:  # one-for-all: every class's shots in one memory
-        every = [item for shots, _, _ in splits.values() for item in shots]
+        memory_images = [str(ds.records[i].image) for ds, i in every]
         if every:
             head.enroll(loader(every).images.to(_device(head)))
         else:
@@ -311,7 +313,7 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
             save_checkpoint(out_dir / "enrolled" / f"{spec.name}-{cls}.safetensors",
                             Checkpoint(cfg.method, cfg.to_yaml(), ckpt_params, head.memory_state(),
                                        chosen, {"dataset": spec.name, "class": cls,
-                                                "shots": row["shots"]}))
+                                                "shots": memory_images or row["shots"]}))
     metric_names = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro")
     mean = {}
     for m in metric_names:

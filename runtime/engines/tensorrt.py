@@ -75,7 +75,11 @@ def plan_key(bundle: Bundle, trt_version: str, gpu_name: str, compute_capability
     if precision not in PRECISIONS:
         raise EngineError(f"precision {precision!r} unknown; choose one of {PRECISIONS}")
     shapes = profile_shapes(bundle, max_batch)
-    return PlanKey(bundle.manifest["files"][bundle.manifest["model"]], trt_version, gpu_name,
+    files, model = bundle.manifest["files"], bundle.manifest["model"]
+    digest = files[model]
+    if f"{model}.data" in files:  # the weights of a large graph live beside it
+        digest += "+" + files[f"{model}.data"]
+    return PlanKey(digest, trt_version, gpu_name,
                    compute_capability, precision,
                    tuple(sorted((k, tuple(tuple(s) for s in v)) for k, v in shapes.items())))
 

@@ -68,6 +68,9 @@ def test_a_new_category_appended_without_torch_equals_the_trainers(bundle, iipad
     assert proc.returncode == 0, proc.stderr
     assert "4 shots added to the memory" in proc.stdout
     grown, old = load_bundle(out), load_bundle(folder)
+    # calibrated on the new category alone, the threshold never drops below the bundle's
+    assert grown.threshold >= old.threshold
+    assert grown.manifest["enrollment"]["earlier"] == old.manifest.get("enrollment")
     assert int(grown.memory["valid"].sum()) == 16 and grown.manifest["shots"] == 16
     for k in ("keys", "bank", "prompts"):  # the old entries are kept as they were
         np.testing.assert_array_equal(grown.memory[k][:12], old.memory[k][:12])
@@ -101,6 +104,17 @@ def test_enrollment_limits_are_named(bundle):
         build_memory(recipe, many, existing=dict(b.memory))
     replaced = build_memory(recipe, {k: np.repeat(v, 4, axis=0) for k, v in one.items()})
     assert int(replaced["valid"].sum()) == 4  # without --append the shots replace the memory
+    with pytest.raises(ValueError, match="a new category needs at least 4 shots"):
+        build_memory(recipe, {k: np.repeat(v, 2, axis=0) for k, v in one.items()}, existing=dict(b.memory))
+    holes = {k: v.copy() for k, v in b.memory.items()}  # rows 0-11 valid; drop row 2, add row 20
+    holes["valid"][2], holes["valid"][20] = 0.0, 1.0
+    holes["keys"][20] = 7.0
+    four = {k: np.repeat(v, 4, axis=0) for k, v in one.items()}
+    grown = build_memory(recipe, four, existing=holes)
+    assert int(grown["valid"].sum()) == 16 and grown["valid"][:16].all()  # valid rows first
+    kept = [i for i in range(64) if holes["valid"][i] > 0.5]
+    np.testing.assert_array_equal(grown["keys"][:12], holes["keys"][kept])  # row 20 kept, row 2 gone
+    np.testing.assert_array_equal(grown["keys"][12:16], four["keys"])
     with pytest.raises(ValueError, match="--append: a bank_per_set memory holds one part's shots"):
         build_memory({"kind": "bank_per_set"}, {"features": np.zeros((1, 2, 3, 4))},
                      existing={"bank": np.zeros((1, 6, 4))})
@@ -144,3 +158,18 @@ def test_large_graphs_keep_their_weights_in_one_data_file(bundle, iipad_run, tmp
     a = open_engine(load_bundle(out)).infer({"image": frames})["image_score"]
     b = open_engine(load_bundle(folder)).infer({"image": frames})["image_score"]
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_append_is_refused_before_scoring_when_it_cannot_fit(bundle, tmp_path):
+    from edge_inspect.runtime.enroll import enroll
+
+    folder, _ = bundle
+    normals = tmp_path / "n"
+    normals.mkdir()
+    for i in range(70):
+        cv2.imwrite(str(normals / f"{i:03d}.png"), np.full((64, 64, 3), 100 + i, np.uint8))
+    with pytest.raises(ValueError, match="a new category needs at least 4 shots.*--shots 3"):
+        enroll(folder, normals, 3, tmp_path / "a", append=True)
+    with pytest.raises(ValueError, match=r"12 entries \+ 53 shots exceed the memory's 64 rows"):
+        enroll(folder, normals, 53, tmp_path / "b", append=True, false_alarm_rate=0.5)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -111,9 +111,20 @@ def test_padding_is_never_retrieved_and_limits_are_named(trained):
         idx, sim = head.retrieve(keys[:1])
     assert sorted(idx[0].tolist()) == [0, 1, 2, 3]  # ...and are still the only ones taken
     assert float(sim.max()) < -0.5
-    with pytest.raises(ValueError, match="exceed head.capacity = 64"):
+    with pytest.raises(ValueError, match="exceed the memory.s 64 rows: evaluate the run with --set "
+                                         "head.capacity"):
         head.append(torch.zeros(61, *images.shape[1:]))
-    state["valid"][2:] = 0
+    with pytest.raises(ValueError, match="a new category needs at least head.retrieve = 4 images"):
+        head.append(images[:2])
+    state["valid"][1], state["valid"][10] = 0.0, 1.0  # a hole at row 1, an entry at row 10
+    state["keys"][10] = 5.0
+    head.load_memory_state(state)
+    head.append(images[:4])
+    grown = head.memory
+    assert grown["valid"][:8].all() and int(grown["valid"].sum()) == 8  # valid rows first
+    torch.testing.assert_close(grown["keys"][3], state["keys"][10])  # row 10 kept, row 1 dropped
+    state["valid"][:] = 0
+    state["valid"][:2] = 1
     with pytest.raises(ValueError, match="holds 2 entries, fewer than head.retrieve = 4"):
         head.load_memory_state(state)
 

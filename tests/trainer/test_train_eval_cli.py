@@ -248,7 +248,7 @@ def test_a_running_evaluation_keeps_its_folder(tmp_path):
     assert not (partial / "metrics-so-far").exists()
 
 
-def test_cosine_schedule_is_torchs_per_epoch_annealing_and_reaches_the_optimizer(tmp_path):
+def test_cosine_schedule_is_torchs_per_epoch_annealing_and_reaches_the_optimizer(tmp_path, monkeypatch):
     from edge_inspect.trainer.fit import learning_rate
 
     # IIPAD's official schedule: eta_min above the base rate, so the rate climbs
@@ -265,10 +265,19 @@ def test_cosine_schedule_is_torchs_per_epoch_annealing_and_reaches_the_optimizer
     cfg = RunConfig.from_yaml(ROOT / "configs/iipad/tiny-synthetic.yaml", [
         "train.epochs=4", "train.log_every=1", "train.schedule=cosine", "train.eta_min=0.01",
         "train.weight_decay=1.0e-4"])
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):  # what the optimizer itself holds at each step
+        seen.append((self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
     train(cfg, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in records] == pytest.approx(
-        [learning_rate(cfg.train, step, 3, 12) for step in range(12)])
+    want = [learning_rate(cfg.train, step, 3, 12) for step in range(12)]
+    assert [lr for lr, _ in seen] == pytest.approx(want) and {wd for _, wd in seen} == {1e-4}
+    assert [r["lr"] for r in records] == pytest.approx(want)
     assert records[0]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] > 5e-3  # climbing to 0.01
     with pytest.raises(ConfigError, match="train.schedule 'linear' unknown"):
         RunConfig.from_yaml(CMAD, ["train.schedule=linear"])

@@ -293,24 +293,38 @@ class IipadHead(AnomalyHead):
     @torch.no_grad()
     def append(self, images: torch.Tensor, batch: int = 8) -> None:
         """Add one entry per image to the memory (a new category: its K shots)."""
+        if self.memory is not None and len(images) < self.retrieve_count:
+            raise ValueError(f"a new category needs at least head.retrieve = {self.retrieve_count} "
+                             f"images (each frame retrieves that many entries), got {len(images)}")
         entries = [self.forward_with_features(images[s:s + batch])[2] for s in range(0, len(images), batch)]
         new = {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
         self.load_memory_state(self.padded_memory(new))
 
+    @property
+    def capacity(self) -> int:
+        """Memory rows: the loaded memory's (an enrolled checkpoint fixes them), else the config's."""
+        return int(self.memory["valid"].shape[0]) if self.memory is not None else self.cfg.capacity
+
     def padded_memory(self, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The current entries plus ``new``, padded with zeros to ``capacity``."""
-        cap = self.cfg.capacity
-        n_old = 0 if self.memory is None else int(self.memory["valid"].sum())
+        """The current valid entries (wherever their rows are) plus ``new``, first, padded
+        with zeros to :attr:`capacity` rows."""
+        cap = self.capacity
+        new = {"keys": new["keys"], "bank": new["memory"], "prompts": new["prompts"]}
+        old = {}
+        if self.memory is not None:
+            keep = self.memory["valid"] > 0.5
+            old = {k: self.memory[k][keep] for k in new}
+        n_old = old["keys"].shape[0] if old else 0
         n = n_old + new["keys"].shape[0]
         if n > cap:
-            raise ValueError(f"{n} memory entries exceed head.capacity = {cap}; raise it (the "
-                             "exported graph's bank size) and export again")
-        new = {"keys": new["keys"], "bank": new["memory"], "prompts": new["prompts"]}
+            raise ValueError(f"{n} memory entries exceed the memory's {cap} rows: evaluate the run with "
+                             "--set head.capacity=<more> (the exported graph's memory size) and "
+                             "export that enrolled checkpoint")
         out = {k: v.new_zeros(cap, *v.shape[1:]) for k, v in new.items()}
         out["valid"] = new["keys"].new_zeros(cap)
         for k, v in new.items():
             if n_old:
-                out[k][:n_old] = self.memory[k][:n_old]
+                out[k][:n_old] = old[k]
             out[k][n_old:n] = v
         out["valid"][:n] = 1.0
         return out
@@ -327,6 +341,9 @@ class IipadHead(AnomalyHead):
             return
         if set(state) != {"keys", "bank", "prompts", "valid"}:
             raise ValueError(f"IIPAD memory needs keys, bank, prompts and valid, got {sorted(state)}")
+        rows = {k: int(v.shape[0]) for k, v in state.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"IIPAD memory arrays disagree on their rows: {rows}")
         valid = int(state["valid"].sum())
         if valid < self.retrieve_count:
             raise ValueError(f"the memory holds {valid} entries, fewer than head.retrieve = "
