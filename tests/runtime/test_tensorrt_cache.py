@@ -71,3 +71,16 @@ def test_ort_tensorrt_provider_options(bundles, tmp_path):
                                                                     "CPUExecutionProvider")
     assert opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
     assert opts["trt_engine_cache_path"] == str(tmp_path) and opts["trt_timing_cache_enable"]
+
+
+def test_key_covers_the_weights_file_of_a_large_graph(bundles):
+    """A graph over 1.8 GB keeps its weights in model.onnx.data: two exports of one
+    architecture share model.onnx but not the weights, and must not share a plan."""
+    few = load_bundle(bundles["afclip+"])
+    files = dict(few.manifest["files"])
+    keys = []
+    for weights in ("a" * 64, "b" * 64):
+        files["model.onnx.data"] = weights
+        large = dataclasses.replace(few, manifest=few.manifest | {"files": dict(files)})
+        keys.append(_key(large))
+    assert keys[0].digest != keys[1].digest != _key(few).digest
