@@ -1,5 +1,6 @@
 """``edge-inspect draws --config X.yaml --draws 10``: the few-shot protocol of a method that
-learns from its shots (PIRN): one training per class and shot draw, then the mean over draws.
+learns from its shots (PIRN): one training per class and shot draw, then the mean over draws
+(a one-for-all method, IIPAD: one training per draw over all classes of the target).
 
 A head trained on its K shots cannot be evaluated on other draws (``eval.shot_seeds`` is
 refused for it), so each draw ``d`` is its own run with ``seed: d`` (the seed draws the
@@ -52,8 +53,11 @@ def _raw(path: Path, overrides: list[str]) -> dict:
 
 
 def plan(config: Path, overrides: list[str], draws: int, first: int = 0,
-         classes: list[str] | None = None) -> list[tuple[str, str, int, RunConfig]]:
-    """``(dataset, class, seed, config)`` of every run of the sweep, checked before any runs."""
+         classes: list[str] | None = None) -> list[tuple[str, str | None, int, RunConfig]]:
+    """``(dataset, class, seed, config)`` of every run of the sweep, checked before any runs;
+    class None: the run covers every class of the dataset (a one-for-all method)."""
+    from edge_inspect.trainer.heads.registry import get_method
+
     if draws < 1 or first < 0:
         raise ValueError(f"--draws must be >= 1 and --first >= 0, got {draws} and {first}")
     raw = _raw(config, overrides)
@@ -61,9 +65,20 @@ def plan(config: Path, overrides: list[str], draws: int, first: int = 0,
     if not base.target_data or base.shots < 1:
         raise ValueError(f"{config}: a shot-draw sweep needs shots >= 1 and a target under data.target")
     runs, found = [], set()
+    one_for_all = get_method(base.method).one_for_all
+    if one_for_all and classes:
+        raise ValueError(f"--classes: {base.method} is one model for every class of the target; "
+                         "it cannot be swept one class at a time")
     for i, spec in enumerate(base.target_data):
         names = spec.open(spec.split).class_names
         found |= set(names)
+        if one_for_all:
+            one = copy.deepcopy(raw)
+            one["data"]["target"] = [dict(one["data"]["target"][i])]
+            for seed in range(first, first + draws):
+                cfg = RunConfig.from_dict(copy.deepcopy(one) | {"seed": seed}, str(config), config.parent)
+                runs.append((spec.name, None, seed, cfg))
+            continue
         for cls in names:
             if classes and cls not in classes:
                 continue
@@ -100,22 +115,24 @@ def sweep(runs: list[tuple[str, str, int, RunConfig]], out: Path) -> dict:
 
     per_class: dict[tuple[str, str], list[dict]] = {}
     for n, (dataset, cls, seed, cfg) in enumerate(runs, 1):
-        run_dir = out / f"{dataset}-{cls}" / f"draw-{seed}"
+        run_dir = out / f"{dataset}-{cls or 'all'}" / f"draw-{seed}"
         metrics = _finished(run_dir, cfg)
+        what = f"{dataset}/{cls or 'all classes'} draw {seed}"
         if metrics is None:
             t0 = time.monotonic()
-            print(f"[{n}/{len(runs)}] {dataset}/{cls} draw {seed}: training", flush=True)
+            print(f"[{n}/{len(runs)}] {what}: training", flush=True)
             checkpoint = train(cfg, run_dir, resume=(run_dir / "config.yaml").exists())
             evaluate_run(cfg, checkpoint, eval_dir_for(run_dir, cfg))
             metrics = _finished(run_dir, cfg)
             if metrics is None:
                 raise RuntimeError(f"{run_dir}: the evaluation wrote no eval-{cfg.shots}shot/metrics.json")
-            print(f"[{n}/{len(runs)}] {dataset}/{cls} draw {seed}: done in "
-                  f"{time.monotonic() - t0:.0f} s", flush=True)
+            print(f"[{n}/{len(runs)}] {what}: done in {time.monotonic() - t0:.0f} s", flush=True)
         else:
-            print(f"[{n}/{len(runs)}] {dataset}/{cls} draw {seed}: finished before ({metrics})")
-        result = json.loads(metrics.read_text())["datasets"][dataset]["classes"][cls]
-        per_class.setdefault((dataset, cls), []).append({"seed": seed} | {k: result.get(k) for k in METRICS})
+            print(f"[{n}/{len(runs)}] {what}: finished before ({metrics})")
+        results = json.loads(metrics.read_text())["datasets"][dataset]["classes"]
+        for name in [cls] if cls else list(results):
+            per_class.setdefault((dataset, name), []).append(
+                {"seed": seed} | {k: results[name].get(k) for k in METRICS})
     return summarize(per_class)
 
 
@@ -150,7 +167,9 @@ def table(summary: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     runs = plan(args.config, args.overrides, args.draws, args.first, args.classes)
     out = args.out or Path("runs") / f"{runs[0][3].name}-{runs[0][3].shots}shot-draws"
-    print(f"{len(runs)} runs ({len({(d, c) for d, c, _, _ in runs})} classes x {args.draws} draws) in {out}")
+    units = len({(d, c) for d, c, _, _ in runs})
+    what = "datasets (all classes each)" if runs[0][1] is None else "classes"
+    print(f"{len(runs)} runs ({units} {what} x {args.draws} draws) in {out}")
     summary = sweep(runs, out)
     summary["config"] = str(args.config)
     summary["overrides"] = args.overrides

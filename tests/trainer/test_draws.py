@@ -86,3 +86,31 @@ def test_a_multi_class_target_is_split_into_one_run_per_class(tmp_path):
         plan(config, [], draws=1, classes=["cake"])
     with pytest.raises(ValueError, match="--draws must be >= 1"):
         plan(config, [], draws=0)
+
+
+def test_a_one_for_all_method_is_one_run_per_draw_over_every_class(tmp_path, capsys):
+    """IIPAD trains one model for all categories: a draw is one run, its metrics give every
+    class's row; finished runs are collected without training (written here by hand)."""
+    from tests.conftest import ROOT
+
+    config = ROOT / "configs/iipad/tiny-synthetic.yaml"
+    runs = plan(config, [], 2)
+    assert [(d, c, s) for d, c, s, _ in runs] == [("synth", None, 0), ("synth", None, 1)]
+    assert runs[0][3].target_data[0].options["classes"] == ["stripes", "grain", "weave"]
+    with pytest.raises(ValueError, match="one model for every class"):
+        plan(config, [], 2, classes=["grain"])
+    out = tmp_path / "sweep"
+    values = {0: {"stripes": 0.90, "grain": 0.80, "weave": 1.00},
+              1: {"stripes": 0.70, "grain": 0.60, "weave": 0.80}}
+    for _, _, seed, cfg in runs:  # finished runs, as train + eval leave them
+        run_dir = out / "synth-all" / f"draw-{seed}"
+        (run_dir / "eval-4shot").mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        classes = {c: {"image_auroc": v, "pixel_auroc": v, "aupro": v} for c, v in values[seed].items()}
+        metrics = {"datasets": {"synth": {"classes": classes}}}
+        (run_dir / "eval-4shot" / "metrics.json").write_text(json.dumps(metrics))
+    assert run(_args(config, out)) == 0
+    assert "2 runs (1 datasets (all classes each) x 2 draws)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"]["synth/grain"]["image_auroc"]["mean"] == pytest.approx(0.70)
+    assert summary["mean_over_classes"]["pixel_auroc"] == pytest.approx(np.mean([0.80, 0.70, 0.90]))

@@ -36,6 +36,8 @@ class MethodSpec:
             ``edge_inspect.runtime.enrollment`` and its parameters); None: no memory.
         min_shots: the fewest shots a run may ask for (1 for a method without zero-shot).
         needs_train_data: whether the method trains on auxiliary datasets (``data.train``).
+        one_for_all: one model for every class of a target (IIPAD): a shot-draw sweep trains
+            one run per draw over all classes, not one per class.
         summary: one line for listings.
     """
 
@@ -47,6 +49,7 @@ class MethodSpec:
     memory_recipe: Callable[[Any], dict] | None = None
     min_shots: int = 0
     needs_train_data: bool = False
+    one_for_all: bool = False
     summary: str = ""
 
 

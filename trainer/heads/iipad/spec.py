@@ -35,7 +35,7 @@ def build(cfg) -> IipadHead:
 
 SPEC = register(MethodSpec(
     name="iipad", config=IipadConfig, build=build, training=IipadTraining(), backbones=("clip",),
-    min_shots=1,
+    min_shots=1, one_for_all=True,
     memory_recipe=lambda head: {"kind": "category_aware", "capacity": head.capacity,
                                 "retrieve": head.retrieve_count},
     summary="IIPAD: instance-induced prompts (CLIP class token + Q-Former), category-aware memory"))
