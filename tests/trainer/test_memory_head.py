@@ -108,3 +108,23 @@ def test_shot_turns_put_each_shots_turned_patches_in_the_memory():
         MemoryHead(TextureBackbone((248, 128)), replace(TEXTURE_MEMORY, shot_turns=4))
     with pytest.raises(ValueError, match="4 shot turns need square frames"):
         numpy_turns(np.zeros((1, 8, 6, 3)), 4)
+
+
+def test_local_top_averages_the_largest_patch_scores_into_the_local_detector():
+    bb = TextureBackbone(248).eval()
+    shots, images = _batch("nominal", range(4), bb), _batch("local", range(6), bb)
+    heads = {k: MemoryHead(bb, replace(TEXTURE_MEMORY, use_global=False, border_rings=0, local_top=k))
+             for k in (1, 3)}
+    with torch.no_grad():
+        for head in heads.values():
+            head.enroll(shots)
+        maps = heads[1].score_taps(bb.forward_taps(images, heads[1].taps))[1].flatten(1)
+        detectors = {k: h.detector_scores(images)[:, 0] for k, h in heads.items()}
+    torch.testing.assert_close(detectors[1], maps.max(dim=1).values)
+    top3 = torch.sort(maps, dim=1).values[:, -3:].mean(dim=1)  # the same patch scores, direct
+    torch.testing.assert_close(detectors[3], top3)
+    assert bool((detectors[3] < detectors[1]).all())
+    with pytest.raises(ValueError, match="head.local_top must be >= 1"):
+        MemoryHeadConfig(local_top=0)
+    with pytest.raises(ValueError, match="exceeds the 31x31 patch grid"):
+        MemoryHead(bb, replace(TEXTURE_MEMORY, local_top=31 * 31 + 1))

@@ -6,7 +6,15 @@ Two detectors, each scaled by its own threshold and fused by their maximum:
   a patch's score is its nearest-neighbour distance, divided by the memory's fold
   reference (the typical image maximum of a normal image, estimated from the shots), so a
   normal image's maximum is about 1, and by its border-ring scale (below); the detector
-  score is that maximum;
+  score is that maximum, or with ``local_top: k`` the mean of the ``k`` largest patch
+  scores. A normal image's largest patch score is often one odd patch; a defect raises
+  several neighbouring ones, so the top-3 mean lowers the normal tail more than the
+  defects' scores. On the textile images (``benchmarks/textile_local_score.py``) it brought
+  the worst test false-alarm rate of shot draws 60-79, where it was chosen, from 2.42 % to
+  1.21 % at the same 1 % target; on draws 80-99, scored only after the choice, every draw
+  met issue 13's targets with it (worst 1.41 % false alarms, 1.6 % local misses; the largest
+  patch score met them there too, at a mean of 0.79 % false alarms against 0.46 %). The
+  textile config sets 3; the default is 1;
 * global -- texture statistics of ``global_taps``, about 1 for normal images and growing
   with a shift, entering as ``1 + log(statistic)``:
 
@@ -87,6 +95,7 @@ class MemoryHeadConfig:
     local_tail: str = "gumbel"
     global_tail: str = "gumbel"
     shot_turns: int = 1
+    local_top: int = 1  # the local detector: mean of the k largest patch scores
 
     GLOBAL_DETECTORS = ("shift", "window")
     SHOT_TURNS = (1, 2, 4)
@@ -104,6 +113,9 @@ class MemoryHeadConfig:
         if self.shot_turns not in self.SHOT_TURNS:
             raise ValueError(f"head.shot_turns must be one of {self.SHOT_TURNS} (quarter turns of each "
                              f"shot in the memory), got {self.shot_turns}")
+        if self.local_top < 1:
+            raise ValueError(f"head.local_top must be >= 1 (patch scores averaged into the local "
+                             f"detector), got {self.local_top}")
         if self.use_global and not 0 < self.local_share < 1:
             raise ValueError(f"head.local_share must be in (0, 1), got {self.local_share}")
 
@@ -143,6 +155,8 @@ class MemoryHead(AnomalyHead):
         if cfg.shot_turns == 4 and (rows != cols or backbone.input_size[0] != backbone.input_size[1]):
             raise ValueError(f"head.shot_turns: 4 turns the shots by 90 degrees, which needs a square "
                              f"input; {tuple(backbone.input_size)} is not: use head.shot_turns: 2 or 1")
+        if cfg.local_top > rows * cols:
+            raise ValueError(f"head.local_top = {cfg.local_top} exceeds the {rows}x{cols} patch grid")
         if 2 * cfg.border_rings >= min(rows, cols):
             raise ValueError(f"head.border_rings = {cfg.border_rings} leaves no interior in the "
                              f"{rows}x{cols} patch grid; set it below {(min(rows, cols) + 1) // 2}")
@@ -315,7 +329,8 @@ class MemoryHead(AnomalyHead):
             raise RuntimeError("the memory head has no reference yet: fit_reference with "
                                f"{self.cfg.shift_reference} held-out normal images")
         patch = self.local(local) / self.local_reference / self.position_scale
-        scores = [patch.amax(dim=1)]
+        k = self.cfg.local_top
+        scores = [patch.amax(dim=1) if k == 1 else patch.topk(k, dim=1).values.mean(dim=1)]
         if self.glob is not None:
             scores.append(1.0 + torch.log(self.glob(glob).clamp(min=1e-6)))
         return torch.stack(scores, dim=1), patch
