@@ -184,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
             now = time.monotonic()
             if parts is None:
                 runtime.check()
-                if runtime.sources_done() and now - idle_since > 2.0:
+                # the camera has sent everything: wait for the pipeline's last results (a cold
+                # start on a slow box can hold them for seconds), then stop
+                if runtime.sources_done() and now - idle_since > RESULT_WAIT_S:
                     break
                 continue
             idle_since = now
@@ -210,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary)
     print(f"\nsummary.json, stream_scores.png and captures/ in {args.out}/")
     return 0
+
+
+RESULT_WAIT_S = 10.0  # quiet seconds after the camera finished before the demo stops listening
 
 
 def port_free(port: int) -> bool:
