@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from textile_calibration_choices import all_features  # the same per-image features
 from tqdm import tqdm
 
 from edge_inspect.runtime.calibration import gumbel_threshold
@@ -52,19 +53,6 @@ REFERENCE, SHARE = 100, 0.65
 CANDIDATES = {"max": (1, 0.01), "max, 0.7 % target": (1, 0.007), "top-3 mean (shipped)": (3, 0.01)}
 RANGES = (("0-59 (calibration chosen on)", 0, 60), ("60-79 (top-3 chosen on)", 60, 80),
           ("80-99 (unseen)", 80, 100))
-
-
-@torch.no_grad()
-def all_features(head, loader, test) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local patch features ``(n, N, C)`` and global image means ``(n, C')`` of every image."""
-    local, means = [], []
-    n = len(test.records)
-    for s in tqdm(range(0, n, 32), desc="features", unit="batch"):
-        b = loader([(test, i) for i in range(s, min(n, s + 32))])
-        patches, grids = head._features(head.backbone.forward_taps(b.images, head.taps))
-        local.append(patches)
-        means.append(ImageShift.image_means(grids))
-    return torch.cat(local), torch.cat(means)
 
 
 @torch.no_grad()
