@@ -138,11 +138,18 @@ def _check_carry_state(head, ckpt, checkpoint: Path, memory: dict) -> None:
 
 def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
                   images: Path | None = None, parity_count: int = 8,
-                  carry_state: bool = False) -> Path:
-    """Export a run's head as a bundle at ``out``; returns ``out``."""
+                  carry_state: bool = False, prompt_class: str | None = None) -> Path:
+    """Export a run's head as a bundle at ``out``; returns ``out``.
+
+    ``prompt_class``: the class whose prompts a class-conditioned head bakes (KAnoCLIP's
+    ``head.export_class``; the manifest's config records it)."""
     run_dir, out = Path(run_dir), Path(out)
     refuse_existing(out)  # before the expensive part; staged_bundle checks again
     cfg = RunConfig.from_yaml(run_dir / "config.yaml")
+    if prompt_class is not None:
+        if "export_class" not in cfg.head:
+            raise ValueError(f"--class: {cfg.method} has no class-conditioned prompts; drop --class")
+        cfg.head["export_class"] = prompt_class
     checkpoint = checkpoint or run_dir / "checkpoint.safetensors"
     ckpt = load_checkpoint(checkpoint)
     head = load_head(cfg, checkpoint, device="cpu")  # the graph and its parity check run on the CPU

@@ -21,15 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PIRN: carry each camera's refined prototypes from a frame scored normal "
                              "to its next frame (needs a calibrated checkpoint; default: stateless, "
                              "as the paper)")
+    parser.add_argument("--class", dest="prompt_class", default=None, metavar="NAME",
+                        help="KAnoCLIP: the class whose prompts the bundle bakes (its words come from "
+                             "the knowledge file; default head.export_class)")
 
 
 def run(args: argparse.Namespace) -> int:
     from edge_inspect.export.bundle_writer import export_bundle
 
     out = export_bundle(args.run, args.out, args.checkpoint, args.images, args.parity_images,
-                        args.carry_state)
+                        args.carry_state, args.prompt_class)
     report = json.loads((out / "parity.json").read_text())
     print(f"bundle: {out}")
+    head = json.loads((out / "manifest.json").read_text())["config"]["head"]
+    if "export_class" in head:
+        print(f"prompts baked for class {head['export_class']!r}")
     print(f"parity on {report['images']} images ({report['backend']}): score max |diff| "
           f"{report['score_max_abs_diff']:.2e} (<= {report['score_tolerance']}), map max |diff| "
           f"{report['map_max_abs_diff']:.2e} (<= {report['map_tolerance']})")

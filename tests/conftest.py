@@ -74,3 +74,17 @@ def iipad_run(tmp_path_factory):
     cfg = RunConfig.from_yaml(ROOT / "configs/iipad/tiny-synthetic.yaml")
     train(cfg, run)
     return cfg, run, evaluate_run(cfg, run / "checkpoint.safetensors", run / "eval")
+
+
+@pytest.fixture(scope="session")
+def kanoclip_run(tmp_path_factory):
+    """``(config, run folder, eval report)``: the tiny KAnoCLIP config trained on stripes and
+    grain, evaluated zero-shot on weave."""
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.evaluate import evaluate_run
+    from edge_inspect.trainer.fit import train
+
+    run = tmp_path_factory.mktemp("kanoclip") / "run"
+    cfg = RunConfig.from_yaml(ROOT / "configs/kanoclip/tiny-synthetic.yaml")
+    train(cfg, run)
+    return cfg, run, evaluate_run(cfg, run / "checkpoint.safetensors", run / "eval")

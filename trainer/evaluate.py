@@ -276,6 +276,7 @@ def evaluate_dataset(cfg: RunConfig, head: AnomalyHead, spec: DatasetSpec, out_d
             head.clear_memory()
     for cls in test.class_names:
         shots, calib, test_idx = splits[cls]
+        head.begin_class(cls)
         if head.memory_spans_classes:
             detector_cal = None
         else:

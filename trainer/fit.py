@@ -184,6 +184,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         source = StepBatches([datasets[n] for n in phase.datasets], cfg.train["batch_size"],
                              (cfg.seed, p), loader, cfg.train["sampling"])
         total = _phase_steps(phase, source.steps_per_epoch)
+        phase.records = [ds.records[i] for ds, i in source.items]
         optimizer = torch.optim.Adam(phase.parameters, lr=cfg.train["lr"],
                                      betas=tuple(cfg.train["betas"]),
                                      weight_decay=cfg.train["weight_decay"])
@@ -220,7 +221,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
                 else:
                     with torch.no_grad():
                         inputs = training.frozen_features(head, images, *planes)
-                loss, parts = training.loss(head, inputs, labels, masks, phase)
+                extra = {"keys": keys.tolist()} if training.uses_sample_records else {}
+                loss, parts = training.loss(head, inputs, labels, masks, phase, **extra)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at phase {phase.name} step "
                                          f"{step}; lower train.lr (state kept at the last save)")

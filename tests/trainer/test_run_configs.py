@@ -7,7 +7,7 @@ import pytest
 from edge_inspect.trainer.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_CONFIG_FOLDERS = ("afclip", "cmad", "iipad", "memory", "pirn")
+RUN_CONFIG_FOLDERS = ("afclip", "cmad", "iipad", "kanoclip", "memory", "pirn")
 CONFIGS = sorted(p for d in RUN_CONFIG_FOLDERS for p in (ROOT / "configs" / d).glob("*.yaml"))
 
 
@@ -77,3 +77,25 @@ def test_iipad_paper_settings():
 
         full = IipadConfig(**cfg.head_kwargs())
         assert (full.alpha, full.beta, full.sparsity, full.loss_temperature) == (8.0, 8.0, 1 / 256, 1.0)
+
+
+def test_kanoclip_paper_settings():
+    """ViT-L/14@336 at 518, context length 12 (the paper); taps 6/12/18/24, V-V from 6 and
+    Adam 1e-3 (0.5, 0.999) x 15, batch 8 (AnomalyCLIP's); loss weights 1; both knowledge files
+    load and cover the training and target classes' words."""
+    from edge_inspect.trainer.heads.kanoclip.knowledge import load_knowledge
+    from edge_inspect.trainer.heads.kanoclip.model import KanoClipConfig
+
+    for name, train, target in (("mvtec-to-visa", "mvtec", "visa"), ("visa-to-mvtec", "visa", "mvtec")):
+        cfg = RunConfig.from_yaml(ROOT / f"configs/kanoclip/vitl14-336-{name}.yaml")
+        assert (cfg.backbone.arch, cfg.backbone.input_size) == ("ViT-L-14-336", 518)
+        assert [d.kind for d in cfg.train_data] == [train] and cfg.train_data[0].split == "test"
+        assert [d.kind for d in cfg.target_data] == [target] and cfg.shots == 0
+        full = KanoClipConfig(**cfg.head_kwargs())
+        assert (full.taps, full.vv_from, full.n_ctx) == ((6, 12, 18, 24), 6, 12)
+        assert full.kd_weight == full.global_weight == full.local_weight == 1.0
+        assert (full.bicmci, full.adapter, full.vv, full.visual_sa) == (True, True, True, "deformable")
+        assert cfg.train["epochs"] == 15 and cfg.train["lr"] == 1e-3 and cfg.train["batch_size"] == 8
+        assert cfg.train["betas"] == [0.5, 0.999]
+        knowledge = load_knowledge(full.knowledge)
+        assert len(knowledge.classes) == 27 and full.export_class in knowledge.classes

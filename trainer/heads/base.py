@@ -26,6 +26,9 @@ class TrainPhase:
     epochs: int | None = None
     steps: int | None = None
     context: dict = field(default_factory=dict)
+    # The phase's samples in the order of the batches' keys (the fit loop sets them): a
+    # loss that needs a sample's class or defect type reads ``records[key]``.
+    records: list = field(default_factory=list, repr=False)
 
 
 class MethodTraining:
@@ -40,6 +43,9 @@ class MethodTraining:
     # True when frozen_features returns per-sample tensors that do not change during
     # training (frozen backbone, no augmentation): the fit loop may cache them.
     caches_features: bool = False
+    # True when :meth:`loss` needs each sample's dataset record (class, defect type, path):
+    # the fit loop then passes the batch's ``keys``, indices into ``phase.records``.
+    uses_sample_records: bool = False
 
     def phases(self, head: AnomalyHead, datasets: list[str], settings: dict) -> list[TrainPhase]:
         """The phases that train ``head`` on the named auxiliary datasets (none: no training)."""
@@ -57,7 +63,8 @@ class MethodTraining:
 
     def loss(self, head: AnomalyHead, inputs, labels: torch.Tensor,
              masks: torch.Tensor, phase: TrainPhase) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one batch; ``inputs`` is what :meth:`frozen_features` returned."""
+        """The loss of one batch; ``inputs`` is what :meth:`frozen_features` returned. With
+        :attr:`uses_sample_records` it is also called with ``keys=`` (see there)."""
         raise NotImplementedError(f"{head.method} has nothing to train")
 
 
@@ -125,6 +132,9 @@ class AnomalyHead(nn.Module):
                         state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, maps and the next state from ``state`` ``(B, *initial_state().shape)``."""
         raise NotImplementedError(f"{self.method} carries no state between frames")
+
+    def begin_class(self, class_name: str) -> None:
+        """Evaluation scores the class ``class_name`` next (KAnoCLIP writes it into its prompts)."""
 
     def freeze_constants(self) -> None:
         """Compute what is constant at inference (e.g. text features) so an export bakes it."""

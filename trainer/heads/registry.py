@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from edge_inspect.trainer.config import RunConfig
     from edge_inspect.trainer.heads.base import AnomalyHead, MethodTraining
 
-BUILTIN = ("afclip", "cmad", "iipad", "memory", "pirn")  # packages under trainer/heads/ with a spec.py
+# packages under trainer/heads/ with a spec.py
+BUILTIN = ("afclip", "cmad", "iipad", "kanoclip", "memory", "pirn")
 
 
 @dataclass(frozen=True)
