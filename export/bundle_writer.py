@@ -154,6 +154,11 @@ def export_bundle(run_dir: Path, out: Path, checkpoint: Path | None = None,
     ckpt = load_checkpoint(checkpoint)
     head = load_head(cfg, checkpoint, device="cpu")  # the graph and its parity check run on the CPU
     head.check_exportable()
+    baked = head.baked_constants()
+    if baked.get("in_knowledge") is False:
+        log.warning("class %r is in no knowledge file of %s: its prompts use the words %r; add "
+                    "it to a knowledge file if that is not how it should be written",
+                    baked["prompt_class"], cfg.name, baked["class_words"])
     if cfg.method == "memory" and not ckpt.memory:
         raise ValueError(f"{checkpoint} has no few-shot memory; the memory method needs an "
                          "enrolled checkpoint (eval writes them: "
@@ -342,6 +347,7 @@ def _manifest(cfg: RunConfig, ckpt, checkpoint: Path, head, memory: dict, feats:
         # images in the memory: K, or every enrolled image of a memory spanning categories
         "shots": (int(memory["valid"].sum()) if head.memory_capacity_fixed else cfg.shots) if memory else 0,
         "threshold": ckpt.calibration,
+        **({"baked": head.baked_constants()} if head.baked_constants() else {}),
         "config": cfg.to_dict(),
         "checkpoint": {"file": str(checkpoint), "sha256": sha256_file(checkpoint),
                        "enrollment": ckpt.extra or None},

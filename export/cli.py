@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
                         args.carry_state, args.prompt_class)
     report = json.loads((out / "parity.json").read_text())
     print(f"bundle: {out}")
-    head = json.loads((out / "manifest.json").read_text())["config"]["head"]
-    if "export_class" in head:
-        print(f"prompts baked for class {head['export_class']!r}")
+    baked = json.loads((out / "manifest.json").read_text()).get("baked") or {}
+    if "prompt_class" in baked:
+        print(f"prompts baked for class {baked['prompt_class']!r}: {baked['abnormal_prompts'][0]!r} ...")
     print(f"parity on {report['images']} images ({report['backend']}): score max |diff| "
           f"{report['score_max_abs_diff']:.2e} (<= {report['score_tolerance']}), map max |diff| "
           f"{report['map_max_abs_diff']:.2e} (<= {report['map_tolerance']})")

@@ -34,7 +34,6 @@ STATE_FILE = "train_state.pt"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
 LOSS_PLOT = "loss.png"
-INIT_BATCHES = 4  # batches a head may look at before a phase starts (CMAD prototype init)
 SHOTS = "shots"  # the training set of a head that learns from the target's shots
 
 
@@ -159,6 +158,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         for d in cfg.train_data:
             log.info("auxiliary %s: %r", d.name, datasets[d.name])
     phases = training.phases(head, list(datasets), cfg.train)
+    if phases:
+        training.check_data(head, datasets)
     if phases and not datasets:
         raise ValueError(f"{cfg.source}: {cfg.method} trains on auxiliary data; list it under data.train")
     prepare_run_dir(cfg, run_dir, resume)
@@ -197,7 +198,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         if first >= total:
             continue
         if first == 0:
-            init = [tuple(t.to(device) for t in source[s][:3]) for s in range(min(INIT_BATCHES, total))]
+            init = [tuple(t.to(device) for t in source[s][:3])
+                    for s in range(min(training.init_batches, total))]
             with autocast(device, amp):
                 training.begin_phase(head, phase, init)
         cache = (FeatureCache(int(cfg.train["cache_gb"] * 1e9), cfg.train["cache_dtype"])

@@ -43,7 +43,12 @@ def test_the_graph_holds_no_text_tower_and_passes_parity(bundle):
     assert "Trilu" not in ops and "ArgMax" not in ops  # the text tower's causal mask and EOT pick
     shapes = {tuple(i.dims) for i in model.graph.initializer}
     assert (77, 64) not in shapes and (49408, 64) not in shapes  # text positions, token table
-    assert load_bundle(bundle).manifest["config"]["head"]["export_class"] == "weave"
+    manifest = load_bundle(bundle).manifest
+    assert manifest["config"]["head"]["export_class"] == "weave"
+    assert manifest["baked"] == {"prompt_class": "weave", "class_words": "woven fabric", "in_knowledge": True,
+                                 "normal_prompts": ["normal woven fabric.", "perfect woven fabric."],
+                                 "abnormal_prompts": ["abnormal woven fabric.", "defective woven fabric."],
+                                 "context_tokens": 4}
 
 
 def test_the_engine_matches_torch_on_new_frames(bundle, kanoclip_run):
@@ -64,7 +69,7 @@ def test_the_class_option_bakes_another_class(bundle, kanoclip_run, tmp_path, ca
     cli.add_arguments(args)
     argv = ["--run", str(run), "--out", str(tmp_path / "s"), "--class", "stripes"]
     assert cli.run(args.parse_args(argv)) == 0
-    assert "prompts baked for class 'stripes'" in capsys.readouterr().out
+    assert "prompts baked for class 'stripes': 'abnormal striped texture.'" in capsys.readouterr().out
     head = load_head(cfg, run / "checkpoint.safetensors")
     head.begin_class("stripes")
     frames, batch = _frames(cfg, head, (1, 4))
@@ -79,3 +84,11 @@ def test_the_class_option_is_refused_for_a_method_without_class_prompts(runs, tm
     with pytest.raises(ValueError, match="afclip has no class-conditioned prompts; drop --class"):
         export_bundle(runs["afclip"], tmp_path / "x", prompt_class="bottle")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_class_no_knowledge_file_lists_is_exported_with_a_warning(kanoclip_run, tmp_path, caplog):
+    _, run, _ = kanoclip_run
+    out = export_bundle(run, tmp_path / "m", prompt_class="metal_nut", parity_count=2)
+    assert "'metal_nut' is in no knowledge file" in caplog.text and "'metal nut'" in caplog.text
+    baked = load_bundle(out).manifest["baked"]
+    assert baked["abnormal_prompts"] == ["abnormal metal nut.", "defective metal nut."]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edge_inspect.trainer.checkpoint import load_checkpoint
 from edge_inspect.trainer.config import RunConfig, build_head
 from edge_inspect.trainer.data.sample import Record
 from edge_inspect.trainer.evaluate import evaluate_run, load_head
@@ -51,6 +52,7 @@ def test_the_knowledge_loss_pulls_abnormal_prompts_toward_their_anchors(tmp_path
     records = [Record(Path(f"{c}.png"), 1, c, "blob") for c in ("stripes", "grain")]
     anchors = dict(zip(("stripes", "grain"), knowledge_anchors(before_head, records), strict=True))
     before, after = _cosines(before_head, anchors), _cosines(after_head, anchors)
+    print(f"cos(W^a, W*), cos(W^n, W*) before {before} after {after}")  # README cites this
     for cls in anchors:
         assert 1 - after[cls][0] < (1 - before[cls][0]) / 2, (cls, before, after)
         assert after[cls][1] < before[cls][1] - 0.05, (cls, before, after)
@@ -69,13 +71,16 @@ def test_full_training_separates_the_abnormal_prompts_from_the_normal_ones(kanoc
 
 
 def test_each_image_reaches_the_loss_with_its_own_record_also_from_the_cache(tmp_path, monkeypatch):
-    seen = []
+    seen, features = [], {}
     original = KanoClipTraining.loss
 
     def spy(self, head, inputs, labels, masks, phase, keys=None):
         records = [phase.records[k] for k in keys]
         seen.append([(int(lab), bool(m.any())) == (r.label, bool(r.label)) for lab, m, r in
                      zip(labels, masks, records, strict=True)])
+        for i, k in enumerate(keys):  # a cached image's features are the ones first computed
+            first = features.setdefault(k, inputs["patches"][i].clone())
+            assert torch.equal(first, inputs["patches"][i])
         text = self.batch_text(head, phase.context["class_index"][torch.as_tensor(keys)],
                                phase.context["classes"])
         for i, r in enumerate(records):  # the prompts of the image's own class
@@ -86,6 +91,73 @@ def test_each_image_reaches_the_loss_with_its_own_record_also_from_the_cache(tmp
     cfg = RunConfig.from_yaml(CONFIG, ["train.steps=26"])
     train(cfg, tmp_path / "run")
     assert len(seen) == 26 and all(all(s) for s in seen)  # 12 steps an epoch: two from the cache
+    assert len(features) == 96 and len({float(f.sum()) for f in features.values()}) == 96
+
+
+def _focal(p, y, gamma):
+    return (-(1 - p) ** gamma * y * torch.log(p) - p ** gamma * (1 - y) * torch.log(1 - p)).mean()
+
+
+def _dice(p, g):
+    p, g = p.flatten(1), g.flatten(1)
+    return (1 - (2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1)).mean()
+
+
+def test_the_training_loss_is_eq_13_to_15(kanoclip_run):
+    cfg, run, _ = kanoclip_run
+    cfg = RunConfig.from_yaml(run / "config.yaml", ["head.kd_weight=0.5", "head.global_weight=2",
+                                                    "head.local_weight=3"])
+    head = load_head(cfg, run / "checkpoint.safetensors").train()
+    training = KanoClipTraining()
+    ds = cfg.train_data[0].open()
+    phase = training.phases(head, ["synth-aux"], cfg.train)[0]
+    phase.records = ds.records
+    keys = [0, 1, 50, 51]  # stripes and grain, normal and anomalous
+    from edge_inspect.trainer.data.batches import BatchLoader
+
+    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
+                         cfg.interpolation)
+    batch = loader([(ds, k) for k in keys])
+    with torch.no_grad():
+        feats = training.frozen_features(head, batch.images)
+        total, parts = training.loss(head, feats, batch.labels, batch.masks, phase, keys=keys)
+        text = torch.stack([head.encode_prompts(ds.records[k].class_name) for k in keys])
+        anchors = knowledge_anchors(head, [ds.records[k] for k in keys])
+        kd = ((text[:, 1] - anchors).norm(dim=-1) - (text[:, 0] - anchors).norm(dim=-1)).mean()
+        score, _, logits = head.score_and_map(feats, text)
+        glob = F.binary_cross_entropy(score / 2, batch.labels.float())
+        g = batch.masks.float()
+        local = 0
+        for i in range(logits.shape[1]):
+            probs = logits[:, i].softmax(-1).reshape(4, 14, 14, 2).permute(0, 3, 1, 2)
+            up = F.interpolate(probs, size=(112, 112), mode="bilinear", align_corners=False)
+            local = local + _focal(up[:, 1], g, 2.0) + _dice(up[:, 0], 1 - g) + _dice(up[:, 1], g)
+    assert g.sum() > 0 and set(batch.labels.tolist()) == {0, 1}
+    assert parts["kd"] == pytest.approx(float(kd), abs=1e-5)
+    assert parts["global"] == pytest.approx(float(glob), abs=1e-5)
+    assert parts["local"] == pytest.approx(float(local), rel=1e-4)
+    assert float(total) == pytest.approx(0.5 * float(kd) + 2 * float(glob) + 3 * float(local), rel=1e-5)
+
+
+def test_a_resumed_run_ends_with_the_same_parameters(tmp_path, monkeypatch):
+    """A resumed phase skips begin_phase: the classes and anchors are rebuilt on first use."""
+    cfg = RunConfig.from_yaml(CONFIG, ["train.steps=8", "train.checkpoint_every=3"])
+    full = load_checkpoint(train(cfg, tmp_path / "full")).params
+    original, calls = KanoClipTraining.loss, {"n": 0}
+
+    def crash(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(KanoClipTraining, "loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut")
+    monkeypatch.setattr(KanoClipTraining, "loss", original)
+    resumed = load_checkpoint(train(cfg, tmp_path / "cut", resume=True)).params
+    for name, tensor in full.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-6), name
 
 
 def test_training_without_knowledge_or_with_an_unlisted_class_is_refused(tmp_path):
@@ -98,6 +170,7 @@ def test_training_without_knowledge_or_with_an_unlisted_class_is_refused(tmp_pat
     cfg = RunConfig.from_yaml(CONFIG, [f"head.knowledge=[{other}]"])
     with pytest.raises(KnowledgeError, match=r"have no class 'grain': add a 'grain:' entry"):
         train(cfg, tmp_path / "b")
+    assert not (tmp_path / "b").exists()  # refused before the run folder is written
 
 
 def test_evaluation_scores_each_class_with_its_own_prompts(kanoclip_run, tmp_path, monkeypatch):
@@ -125,3 +198,14 @@ def test_table_3_ablation_switches_train_and_score(tmp_path):
     with torch.no_grad():
         score, amap = head(torch.randn(2, 3, 112, 112))
     assert torch.isfinite(score).all() and torch.isfinite(amap).all()
+
+
+def test_fixed_prompts_without_modules_need_no_training(tmp_path):
+    """``n_ctx: 0`` and every module off: nothing to train; evaluation needs no checkpoint."""
+    cfg = RunConfig.from_yaml(CONFIG, [
+        "head.n_ctx=0", "head.kd_weight=0", "head.vv=false", "head.global_token=original",
+        "head.bicmci=false", "head.adapter=false"])
+    head = load_head(cfg, None)
+    assert head.trainable_state() == {} and KanoClipTraining().phases(head, ["a"], cfg.train) == []
+    report = evaluate_run(cfg, None, tmp_path / "eval")
+    assert 0.0 <= report["datasets"]["synth-target"]["classes"]["weave"]["pixel_auroc"] <= 1.0

@@ -233,7 +233,8 @@ def test_prompts_are_sot_context_words_class_and_their_mean():
     assert torch.allclose(got, torch.stack(want), atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"map_norm": "softmax_of_sum", "global_token": "original"},
+@pytest.mark.parametrize("kw", [{}, {"map_norm": "softmax_of_sum", "global_token": "original",
+                                      "bicmci_layers": 2},
                                 {"bicmci": False, "adapter": False, "vv": False,
                                  "global_token": "original_no_ln_post"}])
 def test_score_and_map_are_eq_9_to_12(kw):
@@ -249,8 +250,8 @@ def test_score_and_map_are_eq_9_to_12(kw):
         maps = []
         for i, k in enumerate((2, 4)):
             p, t = bb.ln_post(tokens[k][:, 1:]) @ bb.proj, text.expand(2, -1, -1)
-            if cfg.bicmci:
-                p, t = head.stages[i](p, t, bb.grid)
+            for stage in head.stages[i] if cfg.bicmci else ():
+                p, t = stage(p, t, bb.grid)
             maps.append(torch.einsum("bnc,btc->bnt", F.normalize(p, dim=-1), F.normalize(t, dim=-1)) / 0.07)
         if cfg.map_norm == "mean":
             m = torch.stack([x.softmax(-1) for x in maps]).mean(0)
@@ -281,17 +282,30 @@ def test_the_class_changes_the_prompts_and_begin_class_selects_it():
     assert set(head._text_cache) == {"weave", "stripes"}
 
 
-def test_anchors_and_the_knowledge_loss_are_eq_2_and_3():
+def test_anchors_and_the_knowledge_loss_are_eq_2_and_3(tmp_path):
+    """W* = mean of the N general features and the M answers (the defect type's fine texts
+    averaged into one answer, each per-image text one more), normalized."""
     head = _head()
-    records = [Record(Path("s/0.png"), 1, "stripes", "blob"), Record(Path("g/0.png"), 0, "grain", "good")]
+    (tmp_path / "k.yaml").write_text(
+        "version: 1\nclasses:\n  stripes:\n    general: [a bent stripe., a stained stripe., a torn stripe.]\n"
+        "    fine: {blob: [a round blob on the left., a dark blob in the middle.]}\n"
+        "  grain: {general: [coarse grain., a grain stain.]}\n"
+        "images: {s/0.png: [the blob is green.]}\n")
+    head.knowledge = load_knowledge(tmp_path / "k.yaml")
+    records = [Record(Path("/d/s/0.png"), 1, "stripes", "blob"),
+               Record(Path("/d/g/0.png"), 0, "grain", "good")]
     anchors = knowledge_anchors(head, records)
-    k = head.knowledge
-    for r, got in zip(records, anchors, strict=True):
-        texts = k.classes[r.class_name].general + k.classes[r.class_name].fine.get(r.defect, [])
+
+    def enc(texts):
         with torch.no_grad():
-            feats = F.normalize(head.clip.encode_text(tokenize(texts)), dim=-1)
-        assert torch.allclose(got, F.normalize(feats.mean(0), dim=-1), atol=1e-5)
-    assert len(k.classes["stripes"].fine["blob"]) == 1  # the anomalous image has one text more
+            return F.normalize(head.clip.encode_text(tokenize(texts)), dim=-1)
+
+    fine = F.normalize(enc(["a round blob on the left.", "a dark blob in the middle."]).mean(0), dim=-1)
+    parts = torch.cat([enc(["a bent stripe.", "a stained stripe.", "a torn stripe."]), fine[None],
+                       enc(["the blob is green."])])
+    assert torch.allclose(anchors[0], F.normalize(parts.mean(0), dim=-1), atol=1e-5)
+    assert torch.allclose(anchors[1], F.normalize(enc(["coarse grain.", "a grain stain."]).mean(0), dim=-1),
+                          atol=1e-5)
     text = torch.stack([head.text_features("stripes"), head.text_features("grain")])
     want = torch.stack([torch.dist(text[i, 1], anchors[i]) - torch.dist(text[i, 0], anchors[i])
                         for i in range(2)]).mean()
@@ -305,3 +319,5 @@ def test_config_errors_name_the_setting():
         KanoClipConfig(vv=False)
     with pytest.raises(ValueError, match="not divisible by 3 heads"):
         _head(bicmci_heads=3)
+    with pytest.raises(ValueError, match="reads the V-V path at tap 4, before it starts"):
+        KanoClipConfig(taps=(2, 4), vv_from=6)

@@ -47,6 +47,13 @@ class MethodTraining:
     # the fit loop then passes the batch's ``keys``, indices into ``phase.records``.
     uses_sample_records: bool = False
 
+    # Batches :meth:`begin_phase` looks at (CMAD's prototype init); 0: it needs none.
+    init_batches: int = 4
+
+    def check_data(self, head: AnomalyHead, datasets: dict) -> None:
+        """Refuse training data the method cannot use (``{name: RecordDataset}``), before the
+        run folder is written."""
+
     def phases(self, head: AnomalyHead, datasets: list[str], settings: dict) -> list[TrainPhase]:
         """The phases that train ``head`` on the named auxiliary datasets (none: no training)."""
         return []
@@ -132,6 +139,10 @@ class AnomalyHead(nn.Module):
                         state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, maps and the next state from ``state`` ``(B, *initial_state().shape)``."""
         raise NotImplementedError(f"{self.method} carries no state between frames")
+
+    def baked_constants(self) -> dict:
+        """What :meth:`freeze_constants` bakes, for the bundle's manifest (empty: nothing)."""
+        return {}
 
     def begin_class(self, class_name: str) -> None:
         """Evaluation scores the class ``class_name`` next (KAnoCLIP writes it into its prompts)."""

@@ -16,7 +16,8 @@ file a user can read, edit or regenerate offline (``configs/kanoclip/knowledge/`
       metal_nut/test/scratch/000.png: [...]
 
 An image's anchor texts (Eq. 3) are its class's ``general`` texts, the ``fine`` texts of its
-defect type, and the ``images`` texts whose key ends its path. Every text must fit CLIP's
+defect type (averaged into one answer: ``train.knowledge_anchors``), and the ``images``
+texts whose key ends its path. Every text must fit CLIP's
 77 tokens; a file that does not load gets a one-line error naming it, the class and the fix.
 """
 
@@ -69,15 +70,19 @@ class Knowledge:
         entry = self.classes.get(class_name)
         return entry.words if entry else class_name.replace("_", " ")
 
-    def anchor_texts(self, class_name: str, defect: str, image: str | Path | None = None) -> list[str]:
-        """Eq. 3's texts for one image: general, then the defect's fine, then per-image texts."""
-        entry = self.require(class_name)
-        texts = list(entry.general) + list(entry.fine.get(defect, []))
+    def image_texts(self, image: str | Path | None) -> list[str]:
+        """The ``images`` texts whose key ends ``image``'s path."""
+        texts: list[str] = []
         if image is not None and self.images:
             parts = Path(image).as_posix().split("/")
             for i in range(len(parts)):
                 texts += self.images.get("/".join(parts[i:]), [])
         return texts
+
+    def anchor_texts(self, class_name: str, defect: str, image: str | Path | None = None) -> list[str]:
+        """Eq. 3's texts for one image: general, then the defect's fine, then per-image texts."""
+        entry = self.require(class_name)
+        return list(entry.general) + list(entry.fine.get(defect, [])) + self.image_texts(image)
 
 
 def _token_count(text: str) -> int:

@@ -14,10 +14,12 @@ below (research/official_code.md section 6 proposes AnomalyCLIP's settings as de
   (0.02, AnomalyCLIP's). ``[Normal]`` / ``[Abnormal]`` range over ``normal_words`` /
   ``abnormal_words`` (the paper's examples: normal, perfect / abnormal, defective);
   ``W^n``, ``W^a`` are the means of the L2-normalized prompt features over the words,
-  L2-normalized again; ``F_text = [W^n, W^a]`` (2, E). The anchors and L_KD are in
-  ``train.py``; the knowledge file (``knowledge.py``) also gives each class's words.
-* Bi-CMCI (Eq. 9-10, ``blocks.py``): per tap one stage (BiCA between the patches and the
-  two text tokens, self-attention on the text, ``visual_sa`` on the patches); the stage's
+  L2-normalized again; ``F_text = [W^n, W^a]`` (2, E); ``n_ctx: 0``: fixed prompts. The
+  anchors and L_KD are in ``train.py``; the knowledge file (``knowledge.py``) also gives
+  each class's words.
+* Bi-CMCI (Eq. 9-10, ``blocks.py``): per tap ``bicmci_layers`` (1) stages of BiCA between
+  the patches and the two text tokens, self-attention on the text and ``visual_sa`` on the
+  patches, each with a residual and no feed-forward layer (the paper names none); the tap's
   map is ``softmax(<P, T> / temperature)`` over {normal, abnormal} on the refined,
   normalized tokens (``temperature`` 0.07, CLIP's). ``Norm`` (``map_norm``): ``mean``, the
   mean of the taps' probabilities (in [0, 1], as the paper asks, and each tap stays a
@@ -70,6 +72,7 @@ class KanoClipConfig:
     abnormal_words: tuple[str, ...] = ("abnormal", "defective")
     bicmci: bool = True
     bicmci_heads: int = 8
+    bicmci_layers: int = 1
     deform_points: int = 4
     visual_sa: str = "deformable"
     adapter: bool = True
@@ -97,6 +100,11 @@ class KanoClipConfig:
             raise ValueError("head.normal_words and head.abnormal_words need at least one word each")
         if self.global_token == "vv" and not self.vv:
             raise ValueError("head.global_token vv needs head.vv: true; choose original without V-V")
+        if self.global_token == "vv" and self.vv_from > max(self.taps):
+            raise ValueError(f"head.global_token vv reads the V-V path at tap {max(self.taps)}, before "
+                             f"it starts (vv_from {self.vv_from}); lower vv_from or choose original")
+        if self.n_ctx < 0 or self.bicmci_layers < 1:
+            raise ValueError("head.n_ctx must be >= 0 and head.bicmci_layers >= 1")
 
 
 class KanoClipHead(AnomalyHead):
@@ -115,10 +123,14 @@ class KanoClipHead(AnomalyHead):
             raise ValueError(f"head.vv_from must be in 1..{self.backbone.num_layers}, got {cfg.vv_from}")
         self.knowledge = knowledge
         embed, text_width = clip.cfg.embed_dim, clip.cfg.text_width
-        self.normal_context = nn.Parameter(cfg.ctx_std * torch.randn(cfg.n_ctx, text_width))
-        self.abnormal_context = nn.Parameter(cfg.ctx_std * torch.randn(cfg.n_ctx, text_width))
+        # n_ctx 0: fixed prompts "[word] [class]." (Table 3's first row, as we read it)
+        self.normal_context = (nn.Parameter(cfg.ctx_std * torch.randn(cfg.n_ctx, text_width))
+                               if cfg.n_ctx else None)
+        self.abnormal_context = (nn.Parameter(cfg.ctx_std * torch.randn(cfg.n_ctx, text_width))
+                                 if cfg.n_ctx else None)
         self.stages = nn.ModuleList(
-            BiCmciStage(embed, cfg.bicmci_heads, cfg.deform_points, cfg.visual_sa)
+            nn.ModuleList(BiCmciStage(embed, cfg.bicmci_heads, cfg.deform_points, cfg.visual_sa)
+                          for _ in range(cfg.bicmci_layers))
             for _ in cfg.taps) if cfg.bicmci else None
         self.conv_adapter = ConvAdapter(embed, cfg.adapter_dim or embed // 4) if cfg.adapter else None
         self.smooth = GaussianSmoothing(cfg.map_sigma)
@@ -134,7 +146,7 @@ class KanoClipHead(AnomalyHead):
         words = self.class_words(class_name)
         normal = tokenize([f"{w} {words}." for w in self.cfg.normal_words], self.clip.cfg.context_length)
         abnormal = tokenize([f"{w} {words}." for w in self.cfg.abnormal_words], self.clip.cfg.context_length)
-        device = self.normal_context.device
+        device = self.backbone.proj.device
         return normal.to(device), abnormal.to(device)
 
     def encode_prompts(self, class_name: str) -> torch.Tensor:
@@ -142,7 +154,8 @@ class KanoClipHead(AnomalyHead):
         normal, abnormal = self.prompt_tokens(class_name)
         states = []
         for tokens, context in ((normal, self.normal_context), (abnormal, self.abnormal_context)):
-            feats = self.clip.encode_text_with_context(tokens, context, "after_sot")
+            feats = (self.clip.encode_text_with_context(tokens, context, "after_sot")
+                     if context is not None else self.clip.encode_text(tokens))
             states.append(F.normalize(F.normalize(feats.float(), dim=-1).mean(0), dim=-1))
         return torch.stack(states)
 
@@ -160,6 +173,15 @@ class KanoClipHead(AnomalyHead):
         """Score the next images as ``class_name`` (its words go into the prompts)."""
         self.class_name = class_name
 
+    def baked_constants(self) -> dict:
+        """What an export bakes: the class and the prompt texts its text features encode."""
+        words = self.class_words(self.class_name)
+        return {"prompt_class": self.class_name, "class_words": words,
+                "in_knowledge": bool(self.knowledge and self.class_name in self.knowledge.classes),
+                "normal_prompts": [f"{w} {words}." for w in self.cfg.normal_words],
+                "abnormal_prompts": [f"{w} {words}." for w in self.cfg.abnormal_words],
+                "context_tokens": self.cfg.n_ctx}
+
     def freeze_constants(self) -> None:
         """Bake ``export_class``'s two text features: the graph holds no text tower."""
         self.eval()
@@ -170,6 +192,10 @@ class KanoClipHead(AnomalyHead):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_trainable_state(state)
         self._text_cache = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._text_cache = {}  # a move to another device or dtype: encode again there
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> KanoClipHead:
         super().train(mode)
@@ -208,8 +234,8 @@ class KanoClipHead(AnomalyHead):
         out = []
         for i in range(n_taps):
             p, t = patches[:, i], text
-            if self.stages is not None:
-                p, t = self.stages[i](p, t, self.backbone.grid)
+            for stage in self.stages[i] if self.stages is not None else ():
+                p, t = stage(p, t, self.backbone.grid)
             sim = F.normalize(p, dim=-1) @ F.normalize(t, dim=-1).transpose(-2, -1)
             out.append(sim / self.cfg.temperature)
         return torch.stack(out, dim=1)

@@ -5,9 +5,8 @@
 * L_KD (2.2.2): the paper's Eq. 1-3 are not in its text; from the prose, per image
   ``d(W^a, W*) - d(W^n, W*)`` with ``d`` the Euclidean distance of L2-normalized features
   (bounded, so the push away from ``W^n`` cannot diverge), ``W^n, W^a`` the image's class
-  prompts (``model.py``) and ``W*`` its knowledge anchor: the normalized mean of the
-  normalized text features of its class's general texts, its defect type's fine texts and
-  its own per-image texts (``knowledge.py``), encoded once without gradients.
+  prompts (``model.py``) and ``W*`` its knowledge anchor (:func:`knowledge_anchors`),
+  encoded once without gradients.
 * L_global (Eq. 14): ``BCE(S_global / 2, label)``; ``S_global`` (Eq. 12) lies in [0, 2],
   so it is halved to be a probability.
 * L_local (Eq. 15): ``Focal(M^a, G) + Dice(M^n, 1 - G) + Dice(M^a, G)`` (focal gamma 2,
@@ -54,21 +53,31 @@ def encode_texts(head: KanoClipHead, texts: list[str]) -> torch.Tensor:
 
 
 def knowledge_anchors(head: KanoClipHead, records) -> torch.Tensor:
-    """Eq. 3 per record: ``W* = normalize(mean of the normalized features of its texts)``."""
+    """Eq. 3 per record: ``W*`` = the normalized mean of the normalized features of its
+    class's N general texts (the LLM's) and its M VQA answers: each per-image text is one
+    answer, and its defect type's ``fine`` texts, averaged, count as one (the paper's m = 1
+    per image; the files give a few alternatives per defect type)."""
     if head.knowledge is None:
         raise ValueError(NO_KNOWLEDGE)
-    per_record = [tuple(head.knowledge.anchor_texts(r.class_name, r.defect, r.image)) for r in records]
-    unique = sorted({t for texts in per_record for t in texts})
+    k = head.knowledge
+    per_record = []
+    for r in records:
+        entry = k.require(r.class_name)
+        per_record.append((tuple(entry.general), tuple(entry.fine.get(r.defect, ())),
+                           tuple(k.image_texts(r.image))))
+    unique = sorted({t for groups in per_record for group in groups for t in group})
     feats = encode_texts(head, unique)
     row = {t: i for i, t in enumerate(unique)}
-    groups: dict[tuple[str, ...], torch.Tensor] = {}
+    cache: dict[tuple, torch.Tensor] = {}
     anchors = []
-    for texts in per_record:
-        if texts not in groups:
-            groups[texts] = F.normalize(feats[[row[t] for t in texts]].mean(0), dim=-1)
-        anchors.append(groups[texts])
+    for key in per_record:
+        if key not in cache:
+            general, fine, own = ([feats[row[t]] for t in group] for group in key)
+            answers = [F.normalize(torch.stack(fine).mean(0), dim=-1)] if fine else []
+            cache[key] = F.normalize(torch.stack(general + answers + own).mean(0), dim=-1)
+        anchors.append(cache[key])
     log.info("knowledge anchors: %d texts, %d distinct anchors for %d images", len(unique),
-             len(groups), len(records))
+             len(cache), len(records))
     return torch.stack(anchors)
 
 
@@ -88,6 +97,14 @@ class KanoClipTraining(MethodTraining):
     defaults = KANOCLIP_TRAINING
     caches_features = True  # frozen CLIP-VV, no augmentation
     uses_sample_records = True  # the loss needs each image's class and defect type
+    init_batches = 0  # begin_phase needs the records, not images
+
+    def check_data(self, head: KanoClipHead, datasets: dict) -> None:
+        """Every training class must be in the knowledge files (its anchors come from there)."""
+        if head.knowledge is not None and head.cfg.kd_weight:
+            for ds in datasets.values():
+                for name in ds.class_names:
+                    head.knowledge.require(name)
 
     def frozen_features(self, head: KanoClipHead, images: torch.Tensor, *planes: torch.Tensor):
         return head.visual_features(images)
@@ -96,6 +113,8 @@ class KanoClipTraining(MethodTraining):
         if head.cfg.kd_weight and head.knowledge is None:
             raise ValueError(NO_KNOWLEDGE)
         params = [p for p in head.parameters() if p.requires_grad]
+        if not params:  # fixed prompts and no module (n_ctx 0, Table 3's first row): no training
+            return []
         return [TrainPhase("prompts+bicmci+adapter", list(datasets), params,
                            epochs=settings.get("epochs"), steps=settings.get("steps"))]
 
