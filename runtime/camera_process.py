@@ -43,6 +43,8 @@ class SourceEvents:
 
     def __init__(self, mp_context) -> None:
         self.array = mp_context.RawArray("q", len(SOURCE_EVENTS))
+        # frames the last sequence sent when its source ended by itself; -1: not ended
+        self.finished_frames = mp_context.RawValue("q", -1)
 
     def count(self, event: str) -> None:
         self.array[SOURCE_EVENTS.index(event)] += 1
@@ -99,7 +101,9 @@ def camera_process(cam: dict, endpoint: str, mode: str, parent_pid: int | None =
     source = make_source(cam, stop)
     source.on_event = on_event
     try:
-        publish(source, sender, cam["id"], stop, on_event=on_event, max_frame_bytes=max_frame_bytes)
+        sent = publish(source, sender, cam["id"], stop, on_event=on_event, max_frame_bytes=max_frame_bytes)
+        if events is not None and not stop.is_set():  # the pipeline counts the tail it never got
+            events.finished_frames.value = sent
     finally:
         # a finished source delivers what is queued (the context waits for it: the process
         # ends with os._exit, which would otherwise drop ZeroMQ's queue); a stopped one leaves

@@ -282,6 +282,10 @@ class Runtime:
         if getattr(self, "thread", None) is not None:
             self.thread.join(max(0.1, deadline - time.monotonic()))
         if self.pipeline is not None:
+            # a finished replay's frames sent after the last one received
+            for cam, events in getattr(self, "events", {}).items():
+                if events.finished_frames.value >= 0:
+                    self.pipeline.count_unreceived_tail(cam, events.finished_frames.value)
             self.pipeline.close()
         if self.health is not None:
             self.health.stop()

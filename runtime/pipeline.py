@@ -415,6 +415,16 @@ class Pipeline:
         if errors:
             raise errors[0]
 
+    def count_unreceived_tail(self, camera: str, sent: int) -> int:
+        """Count as ``hwm`` drops the frames a finished source sent after the last one received
+        (seq gaps show only losses between received frames); returns how many."""
+        last = self.last_seq.get(camera, -1)
+        missing = max(0, sent - 1 - last)
+        if missing:
+            self.metrics.drop(camera, "hwm", missing)
+            self.last_seq[camera] = sent - 1
+        return missing
+
     def close(self) -> None:
         self.receiver.close()
         for sink in self.sinks:

@@ -117,6 +117,14 @@ def test_live_mode_drops_old_frames_and_counts_them(bundles, tmp_path, ctx):
     assert inferred + dropped == pytest.approx(200, abs=2)  # every frame is scored or counted
     assert received + _value(metrics, "edge_inspect_frames_dropped_total", camera="cam0",
                              reason="hwm") >= inferred
+    # frames lost after the last one received show no seq gap: a finished source's count
+    # of sent frames closes the account (the orchestrator calls this at shutdown)
+    tail = pipe.count_unreceived_tail("cam0", 200)
+    dropped = sum(_value(metrics, "edge_inspect_frames_dropped_total", camera="cam0", reason=r)
+                  for r in ("stale", "hwm"))
+    assert inferred + dropped == 200 and pipe.count_unreceived_tail("cam0", 200) == 0
+    assert pipe.count_unreceived_tail("tiny", 3) == 3  # nothing received at all
+    print(f"tail frames counted at the end: {tail}")
     pipe.close(), tx.close()
 
 
