@@ -44,6 +44,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
                "export.cli"),
     Subcommand("enroll", "rebuild a bundle's few-shot memory and threshold from normal images "
                "(no torch)", "runtime.enroll"),
+    Subcommand("predict", "score image files or folders with a bundle: CSV and overlay pictures "
+               "(no torch)", "runtime.prediction"),
     Subcommand("serve", "run cameras -> ZeroMQ -> engine -> results, with /metrics (no torch)",
                "runtime.serve"),
     Subcommand("watch", "live table of the results a pipeline publishes", "runtime.watch"),

@@ -88,3 +88,16 @@ def kanoclip_run(tmp_path_factory):
     cfg = RunConfig.from_yaml(ROOT / "configs/kanoclip/tiny-synthetic.yaml")
     train(cfg, run)
     return cfg, run, evaluate_run(cfg, run / "checkpoint.safetensors", run / "eval")
+
+
+@pytest.fixture(scope="session")
+def pirn_bundle(tmp_path_factory):
+    """A tiny PIRN (RGB + normals) bundle, barely trained: the runtime only needs its contract."""
+    from edge_inspect.export.bundle_writer import export_bundle
+    from edge_inspect.trainer.config import RunConfig
+    from edge_inspect.trainer.fit import train
+
+    base = tmp_path_factory.mktemp("pirn-bundle")
+    cfg = RunConfig.from_yaml(ROOT / "configs/pirn/tiny-rgbd.yaml", ["train.epochs=1", "shots=4"])
+    train(cfg, base / "run")
+    return export_bundle(base / "run", base / "bundle")

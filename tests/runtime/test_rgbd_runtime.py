@@ -98,20 +98,6 @@ def test_a_camera_must_send_every_plane_the_bundle_takes():
         check_source({"id": "c", "source": "rgbd_folder"})
 
 
-@pytest.fixture(scope="module")
-def pirn_bundle(tmp_path_factory):
-    """A tiny PIRN (RGB + normals) bundle, barely trained: the runtime only needs its contract."""
-    from edge_inspect.export.bundle_writer import export_bundle
-    from edge_inspect.trainer.config import RunConfig
-    from edge_inspect.trainer.fit import train
-    from tests.conftest import ROOT
-
-    base = tmp_path_factory.mktemp("pirn-bundle")
-    cfg = RunConfig.from_yaml(ROOT / "configs/pirn/tiny-rgbd.yaml", ["train.epochs=1", "shots=4"])
-    train(cfg, base / "run")
-    return export_bundle(base / "run", base / "bundle")
-
-
 def test_serve_scores_a_two_plane_bundle_from_an_rgbd_camera(pirn_bundle, tmp_path):
     from edge_inspect.runtime.orchestrator import Runtime
     from edge_inspect.runtime.profile import Profile
