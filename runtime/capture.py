@@ -1,12 +1,14 @@
-r"""Anomalous-frame captures on disk: frame PNG, heatmap overlay PNG and header JSON (and
-for RGB-D frames each geometry plane as ``<plane>.tiff``, float32 as received, with a
-``<plane>.png`` depth preview: z min-max over the valid points, nearer brighter, missing
-black).
+r"""Anomalous-frame captures on disk: frame PNG, overlay PNG (the part, the part under its
+heatmap, a colour bar, score / threshold / verdict: :mod:`runtime.overlay`) and header JSON
+(with the source's image name when the camera replays files; and for RGB-D frames each
+geometry plane as ``<plane>.tiff``, float32 as received, with a ``<plane>.png`` depth
+preview: z min-max over the valid points, nearer brighter, missing black).
 
-Captures live in one folder per camera, ``<folder>/<camera>/<received>-<seq>/``, named by
-the runtime's own wall clock when the result was submitted (never by the sender's
-``t_capture_ns``, which a sender could set to the far future and so evict every real
-capture); the newest ``retain`` are kept per camera, so no camera evicts another's. Each
+Captures live in one folder per camera, ``<folder>/<camera>/<UTC time>-<camera>-<seq>/``
+(e.g. ``20261123T215020.123456Z-line1-00000042``), named by the runtime's own wall clock
+when the result was submitted (never by the sender's ``t_capture_ns``, which a sender could
+set to the far future and so evict every real capture); the newest ``retain`` are kept per
+camera, so no camera evicts another's. Each
 capture is written into a temporary folder and renamed into place, so a capture is either
 complete or absent (SIGTERM mid-write leaves nothing half-written). The pipeline
 :meth:`~CaptureStore.submit`\ s captures to a writer thread, so PNG encoding stays off the
@@ -31,6 +33,7 @@ import numpy as np
 import tifffile
 
 from edge_inspect.runtime.logs import ThrottledLog
+from edge_inspect.runtime.overlay import render_overlay
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +99,16 @@ class CaptureStore:
         received_ns = time.time_ns() if received_ns is None else received_ns
         folder = self.folder / camera
         folder.mkdir(mode=0o750, exist_ok=True)
-        name = f"{received_ns:020d}-{seq:08d}"
+        name = f"{capture_time(received_ns)}-{camera}-{seq:08d}"
         tmp = folder / f".tmp-{name}"
         tmp.mkdir(mode=0o750, exist_ok=True)
         bgr = np.ascontiguousarray(frame[..., ::-1])
         cv2.imwrite(str(tmp / "frame.png"), bgr)
-        heat = cv2.resize(heatmap.astype(np.float32), bgr.shape[1::-1])
-        scale = max(float(heat.max()), 1e-12)
-        colour = cv2.applyColorMap(np.uint8(255 * np.clip(heat / scale, 0, 1)), cv2.COLORMAP_JET)
-        cv2.imwrite(str(tmp / "overlay.png"), cv2.addWeighted(bgr, 0.55, colour, 0.45, 0))
+        label = header.get("label")
+        title = f"{camera} #{seq}" + (f" {header['source']}" if header.get("source") else "")
+        picture = render_overlay(frame, heatmap, float(header.get("score", float("nan"))),
+                                 header.get("threshold"), None if label is None else bool(label), title)
+        cv2.imwrite(str(tmp / "overlay.png"), picture)
         for plane_name, plane in (geometry or {}).items():
             tifffile.imwrite(tmp / f"{plane_name}.tiff", np.ascontiguousarray(plane, np.float32),
                              photometric="rgb" if plane.shape[-1] == 3 else "minisblack")
@@ -122,6 +126,12 @@ class CaptureStore:
         kept = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         for old in kept[: max(0, len(kept) - self.retain)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def capture_time(unix_ns: int) -> str:
+    """``20261123T215020.123456Z``: UTC, fixed width, so names sort by time."""
+    seconds, ns = divmod(int(unix_ns), 1_000_000_000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{ns // 1000:06d}Z"
 
 
 def depth_preview(plane: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -318,7 +319,7 @@ class Pipeline:
             stages = {"transport": max(0.0, (item.t_recv - msg.t_capture_ns) / 1e9),
                       "preprocess": item.preprocess_s, "infer": infer_s, "postprocess": t1 - t0}
             result = Result(cam, msg.seq, msg.t_capture_ns, score, bool(label), threshold, model.name,
-                            stages, heat, item.planes)
+                            stages, heat, item.planes, source_name(msg.header))
             for sink in self.sinks:
                 sink.publish(result)
             series = self.metrics.camera(cam, model.name)
@@ -429,3 +430,13 @@ class Pipeline:
         self.receiver.close()
         for sink in self.sinks:
             sink.close()
+
+
+SOURCE_NAME = re.compile(r"[\w.\- ()+,=@]{1,255}")  # a file name a replay camera sends
+
+
+def source_name(header: dict) -> str | None:
+    """The frame's ``source`` (a replayed file's name) when it is a plain file name, else None:
+    a sender's odd value is ignored, never fatal, never a path."""
+    name = header.get("source")
+    return name if isinstance(name, str) and SOURCE_NAME.fullmatch(name) else None

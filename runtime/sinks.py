@@ -34,11 +34,13 @@ class Result:
     stages: dict[str, float]
     heatmap: np.ndarray  # float16, downsampled
     planes: dict[str, np.ndarray] = field(default_factory=dict)  # the fitted frame, by plane
+    source: str | None = None  # the replayed image's file name, when the camera sent one
 
     @property
     def header(self) -> dict:
+        extra = {"source": self.source} if self.source else {}
         return {"score": self.score, "label": int(self.label), "threshold": self.threshold,
-                "model": self.model, "stages": self.stages}
+                "model": self.model, "stages": self.stages, **extra}
 
 
 class ResultSocketSink:

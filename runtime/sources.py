@@ -37,6 +37,7 @@ class Source:
 
     on_event = None  # callable(event name) or None
     gave_up = False
+    current_name: str | None = None  # the file of the frame last yielded (replays)
     PLANES: tuple[str, ...] = ("rgb",)  # the planes every frame of this kind carries
 
     def _event(self, name: str) -> None:
@@ -107,6 +108,8 @@ def replay(source, items: list) -> Iterator[Frame]:
                     log.warning("skipping %s (logged once; every skip is counted in "
                                 "edge_inspect_source_events_total)", exc)
                 continue
+            first = item[0] if isinstance(item, tuple | list) else item
+            source.current_name = Path(first).name  # sent with the frame (captures name it)
             yield planes, time.monotonic_ns()
         if not source.loop:
             return
@@ -308,7 +311,7 @@ def publish(source, sender: Sender, camera: str, stop: threading.Event | None = 
                           max_frame_bytes)
                 warned_size = True
             continue
-        parts = encode_frame(camera, seq, t_ns, planes)
+        parts = encode_frame(camera, seq, t_ns, planes, getattr(source, "current_name", None))
         while True:
             try:
                 sender.send(parts)

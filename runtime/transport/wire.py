@@ -70,9 +70,12 @@ def topic(kind: str, camera: str) -> bytes:
     return f"{kind}.{camera}".encode("ascii")
 
 
-def encode_frame(camera: str, seq: int, t_capture_ns: int, planes: Mapping[str, np.ndarray]) -> list:
-    """A frame message with one payload part per named plane."""
-    return encode("frame", camera, seq, t_capture_ns, list(planes.values()), planes=list(planes))
+def encode_frame(camera: str, seq: int, t_capture_ns: int, planes: Mapping[str, np.ndarray],
+                 source: str | None = None) -> list:
+    """A frame message with one payload part per named plane (``source``: the replayed
+    file's name, carried into results and captures)."""
+    extra = {"source": source} if source else {}
+    return encode("frame", camera, seq, t_capture_ns, list(planes.values()), planes=list(planes), **extra)
 
 
 def encode(kind: str, camera: str, seq: int, t_capture_ns: int, arrays: list[np.ndarray] = (),

@@ -1,6 +1,8 @@
 """The pipeline over real ZeroMQ sockets with a real bundle (in-process threads here; the
 multi-process integration tests come with `edge-inspect serve`)."""
 
+import json
+import re
 import threading
 import time
 
@@ -14,6 +16,7 @@ from edge_inspect.runtime.capture import CaptureStore
 from edge_inspect.runtime.engines import open_engine
 from edge_inspect.runtime.metrics import RuntimeMetrics
 from edge_inspect.runtime.model_slot import ModelSlot
+from edge_inspect.runtime.overlay import BAR_PX, HEADER_PX
 from edge_inspect.runtime.pipeline import Pipeline, PipelineConfig
 from edge_inspect.runtime.preprocess import fit_image
 from edge_inspect.runtime.sinks import CaptureSink, ResultSocketSink
@@ -64,7 +67,8 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
     frames = [rng.integers(0, 256, (250, 250, 3), dtype=np.uint8) for _ in range(6)]
     frames[3][100:110, 100:110] = 255  # a bright blob
     for seq, frame in enumerate(frames):
-        tx.send(encode("frame", "cam0", seq, time.monotonic_ns(), [frame]))
+        name = f"part-{seq}.png" if seq != 4 else "../../etc/passwd"  # an odd name is ignored
+        tx.send(encode("frame", "cam0", seq, time.monotonic_ns(), [frame], source=name))
         if seq == 2:  # garbage in the middle of the stream
             tx.send([b"frame.cam0", b"{not json"])
             tx.send([b"\x00\x01"])
@@ -95,6 +99,13 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
     for c in captures:
         assert {p.name for p in c.iterdir()} == {"frame.png", "overlay.png", "header.json"}
         assert cv2.imread(str(c / "frame.png")).shape == (248, 248, 3)
+        header = json.loads((c / "header.json").read_text())
+        assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}Z-cam0-\d{8}", c.name)  # UTC time, camera, seq
+        assert c.name.endswith(f"{header['seq']:08d}")
+        assert header.get("source") == (f"part-{header['seq']}.png" if header["seq"] != 4 else None)
+        # the overlay: a verdict header, the part and the part under its heatmap, a colour bar
+        assert cv2.imread(str(c / "overlay.png")).shape == (HEADER_PX + 248 + 2 * BAR_PX, 2 * 248 + 4, 3)
+    assert got[0].header["source"] == "part-0.png" and "source" not in got[4].header
     pipe.close(), tx.close(), results.close()
 
 
