@@ -36,6 +36,7 @@ class CameraSeries:
     score: Histogram
     e2e: Histogram
     stages: dict[str, Histogram]
+    raw_score: Gauge
 
 
 class RuntimeMetrics:
@@ -72,6 +73,11 @@ class RuntimeMetrics:
         self._cameras: dict[tuple[str, str], CameraSeries] = {}
         self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
                                 ["model", "backend", "precision"], registry=r)
+        self.threshold = Gauge(p + "threshold", "The serving decision threshold on the raw score "
+                               "(the anomaly_score histogram's 0.5); NaN without one", ["model"],
+                               registry=r)
+        self.last_score = Gauge(p + "last_score", "Raw anomaly score of the camera's last scored "
+                                "frame (compare with edge_inspect_threshold)", ["camera"], registry=r)
 
     def camera(self, camera: str, model: str) -> CameraSeries:
         """The cached series of ``camera`` (label lookups take a lock; frames should not)."""
@@ -82,8 +88,21 @@ class RuntimeMetrics:
                 self.camera_up.labels(camera), self.frames_inferred.labels(camera, model),
                 self.anomalies.labels(camera, model), self.anomaly_score.labels(camera, model),
                 self.e2e_latency.labels(camera),
-                {stage: self.stage_seconds.labels(stage, camera) for stage in STAGES})
+                {stage: self.stage_seconds.labels(stage, camera) for stage in STAGES},
+                self.last_score.labels(camera))
         return series
+
+    def start_cameras(self, cameras, model: str) -> None:
+        """Create every configured camera's series at zero (and the unattributed drops), so a
+        dashboard shows 0, not "no data", before the first frame or the first drop."""
+        for cam in cameras:
+            self.camera(cam, model)
+            for reason in DROP_REASONS[:3]:  # hwm, stale, malformed (unknown_camera: unattributed)
+                self.frames_dropped.labels(cam, reason)
+            self.source_restarts.labels(cam)
+            self.captures_skipped.labels(cam)
+        for reason in ("malformed", "unknown_camera"):
+            self.frames_dropped.labels(UNATTRIBUTED, reason)
 
     def drop(self, camera: str, reason: str, n: int = 1) -> None:
         if reason not in DROP_REASONS:

@@ -103,6 +103,7 @@ class Pipeline:
         self.handoff = FrameHandoff(latest_wins=cfg.mode == "live", capacity=cfg.max_batch)
         self.to_publish: queue.Queue = queue.Queue(maxsize=2)  # inferred batches
         self._warned_unfit: set[str] = set()
+        metrics.start_cameras(cfg.cameras, slot.current.name)
 
     @property
     def bundle(self):
@@ -125,6 +126,8 @@ class Pipeline:
         model.engine.warmup()
         self.warm = True
         self.metrics.model_info.labels(model.name, model.backend, model.precision).set(1)
+        self.metrics.threshold.labels(model.name).set(
+            float("nan") if model.threshold is None else model.threshold)
 
     # -- receive -----------------------------------------------------------------------------
     def _decode(self, parts: list) -> Message | None:
@@ -329,6 +332,7 @@ class Pipeline:
             series.e2e.observe((time.monotonic_ns() - msg.t_capture_ns) / 1e9)
             series.inferred.inc()
             series.score.observe(calibrated_score(score, threshold))
+            series.raw_score.set(score)
             if label:
                 series.anomalies.inc()
             self.frames_done += 1

@@ -65,3 +65,25 @@ def test_dashboard_panels_use_existing_metrics():
 def test_promtool_accepts_the_rules():
     proc = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_filters_every_camera_series_by_the_camera_variable():
+    dash = json.loads(DASHBOARD.read_text())
+    (var,) = [v for v in dash["templating"]["list"] if v["name"] == "camera"]
+    assert var["type"] == "query" and "label_values(edge_inspect_frames_received_total, camera)" in (
+        var["query"]["query"]) and var["includeAll"] and var["multi"]
+    metrics = RuntimeMetrics()
+    metrics.start_cameras(["cam"], "m")  # every per-camera series exists once a camera does
+    camera_labelled = {f.name for f in metrics.registry.collect()
+                       if any("camera" in s.labels for s in f.samples)}
+    assert {"edge_inspect_frames_dropped", "edge_inspect_last_score"} <= camera_labelled
+    checked = 0
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for name in _metrics_in(target["expr"]):
+                base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+                if base in camera_labelled:
+                    assert re.search(rf'{name}\{{camera=~"\$camera"\}}', target["expr"]), target["expr"]
+                    checked += 1
+    assert checked >= 9
+    assert any("edge_inspect_threshold" in t["expr"] for p in dash["panels"] for t in p["targets"])

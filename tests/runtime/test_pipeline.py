@@ -92,6 +92,10 @@ def test_every_part_scores_every_frame_and_counts_malformed(bundles, tmp_path, c
     assert _value(metrics, "edge_inspect_frames_dropped_total", camera="unknown", reason="malformed") == 2
     assert _value(metrics, "edge_inspect_frames_dropped_total", camera="tiny", reason="malformed") == 1
     assert _value(metrics, "edge_inspect_camera_up", camera="cam0") == 1
+    # the serving threshold and the last raw score are on /metrics beside the 0..1 histogram
+    assert _value(metrics, "edge_inspect_threshold", model="textile") == pytest.approx(bundle.threshold)
+    last = _value(metrics, "edge_inspect_last_score", camera="cam0")
+    assert any(last == pytest.approx(m.header["score"]) for m in got.values())
     assert pipe.ready()["engine_warm"] and pipe.ready()["camera_cam0_fresh"]
     n_anomalous = sum(m.header["label"] for m in got.values())
     captures = [p for p in (tmp_path / "captures" / "cam0").glob("*") if not p.name.startswith(".")]
@@ -227,4 +231,22 @@ def test_the_inference_thread_hands_a_single_frame_to_the_engine_without_copying
     _, pair, _ = pipe.infer(items)  # a real micro-batch is stacked
     np.testing.assert_array_equal(engine.inputs[1], np.stack(fitted))
     np.testing.assert_allclose(pair["image_score"][:1], single["image_score"], rtol=1e-5)
+    pipe.close()
+
+
+def test_every_configured_camera_and_reason_starts_at_zero(bundles, tmp_path, ctx):
+    """Before any frame: 0, not "no data", for each camera's counters and drop reasons."""
+    bundle = load_bundle(bundles["memory"])
+    metrics = RuntimeMetrics()
+    pipe = make_pipeline(bundle, open_engine(bundle), TransportConfig(f"ipc://{tmp_path}/f", mode="live"),
+                         TransportConfig(f"ipc://{tmp_path}/r", mode="live"), ctx, metrics)
+    text = __import__("prometheus_client").generate_latest(metrics.registry).decode()
+    for cam in ("cam0", "tiny"):
+        for reason in ("hwm", "stale", "malformed"):
+            assert f'edge_inspect_frames_dropped_total{{camera="{cam}",reason="{reason}"}} 0.0' in text
+        assert f'edge_inspect_frames_received_total{{camera="{cam}"}} 0.0' in text
+        assert f'edge_inspect_frames_inferred_total{{camera="{cam}",model="textile"}} 0.0' in text
+        assert f'edge_inspect_source_restarts_total{{camera="{cam}"}} 0.0' in text
+    assert 'edge_inspect_frames_dropped_total{camera="unknown",reason="unknown_camera"} 0.0' in text
+    assert 'camera="cam0",reason="unknown_camera"' not in text
     pipe.close()
