@@ -23,10 +23,42 @@ from edge_inspect.runtime.profile import Profile
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="configs/runtime/<profile>.yaml")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the profile, its bundle (checksums, planes), cameras and keys, "
+                             "print what would be served and exit; starts nothing")
+
+
+def check(cfg: Profile, path: Path) -> int:
+    """``--check``: everything ``serve`` checks before it starts (a problem raises the same
+    one-line error, exit 2), and whether the metrics port is free, without starting."""
+    runtime = Runtime(cfg)  # parses the bundle, checks sources, planes and keys; opens nothing
+    bundle = runtime.bundle
+    threshold = "none (uncalibrated: no verdicts)" if bundle.threshold is None else f"{bundle.threshold:.4g}"
+    print(f"{path}: valid. bundle {cfg.bundle} (method {bundle.manifest['method']}, planes "
+          f"{[p.name for p in bundle.inputs]}, threshold {threshold}); mode {cfg.mode}; cameras "
+          + ", ".join(f"{c.id} ({c.source})" for c in cfg.cameras))
+    if cfg.http is not None and cfg.http.port and not _port_free(cfg.http.host, cfg.http.port):
+        print(f"edge-inspect serve: {cfg.http.host}:{cfg.http.port} is in use; serve would fail to "
+              "open /metrics there (stop the other process or change http.port)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = Profile.from_yaml(args.config)
+    if args.check:
+        return check(cfg, args.config)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # set before start: no KeyboardInterrupt anywhere
         signal.signal(sig, lambda *_: stopping.set())

@@ -9,6 +9,7 @@ import sys
 import time
 
 import cv2
+import numpy as np
 import yaml
 
 from tests.runtime.serve_proc import http_get, metric
@@ -129,3 +130,35 @@ def test_camera_options_are_checked_before_anything_starts(tmp_path, capsys):
                                                     "path": str(tmp_path / "replay")}]}))
     assert main(["serve", "--config", str(profile)]) == 2
     assert "camera line1: image folder" in capsys.readouterr().err
+
+
+def test_serve_check_validates_without_starting_anything(bundles, tmp_path):
+    import socket
+
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    cfg = {"bundle": str(bundles["memory"]), "mode": "live", "endpoint_dir": str(tmp_path / "ep"),
+           "cameras": [{"id": "line1", "source": "folder", "path": str(folder), "fps": 5}],
+           "captures": {"folder": str(tmp_path / "captures")}, "http": {"host": "127.0.0.1", "port": 0}}
+
+    def check(profile: dict) -> subprocess.CompletedProcess:
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump(profile))
+        code = BLOCK_TORCH + ("from edge_inspect.runtime.cli import main\n"
+                              f"raise SystemExit(main(['serve', '--config', r'{path}', '--check']))")
+        return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+
+    proc = check(cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "valid. bundle" in proc.stdout and "line1 (folder)" in proc.stdout and "threshold" in proc.stdout
+    assert not (tmp_path / "ep").exists() and not (tmp_path / "captures").exists()  # nothing started
+    proc = check({**cfg, "cameras": [{"id": "line1", "source": "folder", "path": str(tmp_path / "nope")}]})
+    assert proc.returncode == 2 and "image folder" in proc.stderr and "nope not found" in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = check({**cfg, "http": {"host": "127.0.0.1", "port": port}})
+    assert proc.returncode == 2 and f"127.0.0.1:{port} is in use" in proc.stderr
