@@ -56,18 +56,20 @@ class CaptureStore:
         self.writer.start()
 
     def submit(self, camera: str, seq: int, frame: np.ndarray, heatmap: np.ndarray,
-               header: dict, geometry: dict[str, np.ndarray] | None = None) -> bool:
-        """Queue a capture for the writer thread; False (skipped, counted) when it is too far behind."""
+               header: dict, geometry: dict[str, np.ndarray] | None = None) -> str | None:
+        """Queue a capture for the writer thread; its folder name (under the camera's folder),
+        or None (skipped, counted) when the writer is too far behind."""
+        received_ns = time.time_ns()
         try:
-            self.pending.put_nowait((camera, seq, frame, heatmap, header, time.time_ns(), geometry))
-            return True
+            self.pending.put_nowait((camera, seq, frame, heatmap, header, received_ns, geometry))
+            return capture_name(camera, seq, received_ns)
         except queue.Full:
             self.skipped += 1
             if self.on_skip is not None:
                 self.on_skip(camera)
             self.skip_log.warning("skip", "capture of %s seq %d skipped: the writer is %d behind "
                                   "(a slow disk?)", camera, seq, self.pending.maxsize)
-            return False
+            return None
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every submitted capture is on disk (at most ``timeout_s``: a hung disk
@@ -99,7 +101,7 @@ class CaptureStore:
         received_ns = time.time_ns() if received_ns is None else received_ns
         folder = self.folder / camera
         folder.mkdir(mode=0o750, exist_ok=True)
-        name = f"{capture_time(received_ns)}-{camera}-{seq:08d}"
+        name = capture_name(camera, seq, received_ns)
         tmp = folder / f".tmp-{name}"
         tmp.mkdir(mode=0o750, exist_ok=True)
         bgr = np.ascontiguousarray(frame[..., ::-1])
@@ -126,6 +128,11 @@ class CaptureStore:
         kept = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         for old in kept[: max(0, len(kept) - self.retain)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def capture_name(camera: str, seq: int, received_ns: int) -> str:
+    """A capture's folder name: ``<UTC time>-<camera>-<seq>``."""
+    return f"{capture_time(received_ns)}-{camera}-{seq:08d}"
 
 
 def capture_time(unix_ns: int) -> str:

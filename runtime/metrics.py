@@ -73,6 +73,11 @@ class RuntimeMetrics:
         self._cameras: dict[tuple[str, str], CameraSeries] = {}
         self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
                                 ["model", "backend", "precision"], registry=r)
+        self.sink_messages = Counter(p + "sink_messages", "Results handed to a sink (queued), "
+                                     "acknowledged (delivered) or dropped", ["sink", "outcome"],
+                                     registry=r)
+        self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while the MQTT sink is connected",
+                                    registry=r)
         self.threshold = Gauge(p + "threshold", "The serving decision threshold on the raw score "
                                "(the anomaly_score histogram's 0.5); NaN without one", ["model"],
                                registry=r)

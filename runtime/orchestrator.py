@@ -155,6 +155,10 @@ class Runtime:
             store = CaptureStore(self.cfg.captures.folder, self.cfg.captures.retain,
                                  on_skip=lambda cam: skipped.labels(cam).inc())
             sinks.append(CaptureSink(store))
+        if self.cfg.mqtt is not None:  # after the capture sink: it names the capture
+            from edge_inspect.runtime.mqtt_sink import MqttSink
+
+            sinks.append(MqttSink(self.cfg.mqtt, self.metrics.sink_messages, self.metrics.mqtt_connected))
         return sinks
 
     def start(self) -> Runtime:

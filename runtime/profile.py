@@ -21,6 +21,8 @@ Profile YAML::
                max_frame_pixels: 16777216}   # larger frame parts are refused (ZeroMQ MAXMSGSIZE)
     captures: {folder: captures, retain: 200}   # retain: per camera
     http: {host: 127.0.0.1, port: 9108}
+    mqtt: {host: broker.local, port: 1883, topic: "edge-inspect/{camera}/result", qos: 1,
+           retain: true, client_id: line1}   # results to the plant (runtime/mqtt_sink.py)
     security:                           # CURVE on every tcp endpoint the runtime binds
       server_key: keys/server.key_secret   # from `edge-inspect keys --name server`
       client_keys: keys/clients/           # public keys (*.key) allowed to connect
@@ -35,6 +37,7 @@ import yaml
 
 from edge_inspect.runtime.engines import BACKENDS
 from edge_inspect.runtime.metrics import UNATTRIBUTED
+from edge_inspect.runtime.mqtt_sink import MqttSection
 from edge_inspect.runtime.transport.sockets import MODES
 from edge_inspect.runtime.transport.wire import CAMERA_ID
 
@@ -137,7 +140,7 @@ class CameraConfig:
 
 
 TOP_KEYS = ("bundle", "backend", "backend_options", "mode", "endpoint_dir", "frames", "results",
-            "cameras", "pipeline", "captures", "http", "model_name", "security")
+            "cameras", "pipeline", "captures", "http", "model_name", "security", "mqtt")
 
 
 @dataclass
@@ -155,6 +158,7 @@ class Profile:
     http: HttpSection = field(default_factory=HttpSection)
     model_name: str | None = None
     security: SecuritySection | None = None
+    mqtt: MqttSection | None = None  # results to an MQTT broker (runtime/mqtt_sink.py)
     source: str = "profile"
 
     @classmethod
@@ -197,7 +201,7 @@ class Profile:
         if external and raw.get("mode", "live") != "every_part":
             raise ProfileError(f"{source}: cameras {external} are external (sent by another "
                                "machine): they need mode: every_part, where the runtime binds `frames`")
-        captures, security = raw.get("captures"), raw.get("security")
+        captures, security, mqtt = raw.get("captures"), raw.get("security"), raw.get("mqtt")
         return cls(bundle=raw["bundle"], cameras=cameras, backend=raw.get("backend", "ort"),
                    backend_options=dict(raw.get("backend_options") or {}), mode=raw.get("mode", "live"),
                    endpoint_dir=raw.get("endpoint_dir", "/tmp/edge-inspect"), frames=raw.get("frames"),
@@ -210,6 +214,8 @@ class Profile:
                    model_name=raw.get("model_name"),
                    security=(_section(SecuritySection, security, f"{source}: security")
                              .check(f"{source}: security") if security is not None else None),
+                   mqtt=(_section(MqttSection, mqtt, f"{source}: mqtt").check(f"{source}: mqtt")
+                         if mqtt is not None else None),
                    source=source)
 
     @classmethod

@@ -3,8 +3,9 @@
 Each sink has ``publish(result)`` (called on the publish thread, never on the engine's)
 and ``close()``. Here: :class:`ResultSocketSink` (``result.<camera>`` messages on the
 results socket, heatmap as float16 payload) and :class:`CaptureSink` (anomalous frames to
-a :class:`~edge_inspect.runtime.capture.CaptureStore`). MQTT, preview and the web monitor
-arrive as further sinks.
+a :class:`~edge_inspect.runtime.capture.CaptureStore`) and, in ``runtime/mqtt_sink.py``,
+the MQTT sink. Order matters: the capture sink names its capture in the result for the
+sinks after it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Result:
     heatmap: np.ndarray  # float16, downsampled
     planes: dict[str, np.ndarray] = field(default_factory=dict)  # the fitted frame, by plane
     source: str | None = None  # the replayed image's file name, when the camera sent one
+    capture: str | None = None  # <camera>/<folder> of its capture (set by the CaptureSink)
 
     @property
     def header(self) -> dict:
@@ -74,9 +76,11 @@ class CaptureSink:
             images = {k: v for k, v in result.planes.items() if v.dtype == np.uint8}
             frame = images.get("rgb", next(iter(images.values()), None))
             geometry = {k: v for k, v in result.planes.items() if v.dtype != np.uint8}
-            self.store.submit(result.camera, result.seq, frame, result.heatmap,
-                              {"camera": result.camera, "seq": result.seq,
-                               "t_capture_ns": result.t_capture_ns, **result.header}, geometry)
+            name = self.store.submit(result.camera, result.seq, frame, result.heatmap,
+                                     {"camera": result.camera, "seq": result.seq,
+                                      "t_capture_ns": result.t_capture_ns, **result.header}, geometry)
+            if name:  # later sinks (MQTT) may name it
+                result.capture = f"{result.camera}/{name}"
 
     def flush(self) -> None:
         self.store.flush(timeout_s=1.0)
