@@ -71,8 +71,11 @@ class RuntimeMetrics:
         self.state_resets = Counter(p + "state_resets", "Carried per-camera model state reset, by "
                                     "rule (sequence_restart, command)", ["rule"], registry=r)
         self._cameras: dict[tuple[str, str], CameraSeries] = {}
-        self.model_info = Gauge(p + "model_info", "The model being served (value 1)",
-                                ["model", "backend", "precision"], registry=r)
+        self.model_info = Gauge(p + "model_info", "The model being served (value 1); bundle: its "
+                                "folder@manifest digest", ["model", "bundle", "backend", "precision"],
+                                registry=r)
+        self.model_reloads = Counter(p + "model_reloads", "Hot reloads of the model, by outcome "
+                                     "(ok, failed: the old model kept serving)", ["outcome"], registry=r)
         self.sink_messages = Counter(p + "sink_messages", "Results handed to a sink (queued), "
                                      "acknowledged (delivered) or dropped", ["sink", "outcome"],
                                      registry=r)

@@ -16,12 +16,20 @@ reset is never undone by a batch that was in the engine meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from edge_inspect.runtime.bundle import Bundle
+from edge_inspect.runtime.bundle import MANIFEST, Bundle
+
+
+def bundle_id(bundle: Bundle) -> str:
+    """``<folder>@<12 hex of the manifest's sha256>``: which bundle scored a frame (an enrolled
+    bundle keeps its run's name but gets a new folder and manifest)."""
+    digest = hashlib.sha256((bundle.root / MANIFEST).read_bytes()).hexdigest()[:12]
+    return f"{bundle.root.name}@{digest}"
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class ServingModel:
     engine: object
     name: str
     threshold: float | None
+    bundle_id: str = ""
 
     @property
     def backend(self) -> str:
@@ -46,13 +55,14 @@ class ModelSlot:
         self._state: dict[str, dict[str, np.ndarray]] = {}
         self._generation: dict[str, int] = {}  # per camera, bumped by a reset
         self._all_generation = 0  # bumped by a reset of every camera (and a swap)
-        self.current = ServingModel(bundle, engine, name or bundle.name, bundle.threshold)
+        self.current = ServingModel(bundle, engine, name or bundle.name, bundle.threshold, bundle_id(bundle))
 
     def swap(self, bundle: Bundle, engine, name: str | None = None) -> ServingModel:
         """Serve another model from the next batch on; returns the old one. State resets."""
+        model = ServingModel(bundle, engine, name or bundle.name, bundle.threshold, bundle_id(bundle))
         with self._lock:
             old = self.current
-            self.current = ServingModel(bundle, engine, name or bundle.name, bundle.threshold)
+            self.current = model
             self._state.clear()
             self._all_generation += 1
             return old

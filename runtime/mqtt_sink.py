@@ -15,7 +15,8 @@ Profile section::
       capture_ref: true                       # name the capture folder of an anomalous frame
 
 Payload: ``{"camera", "seq", "time" (Unix seconds when published), "score", "label",
-"threshold", "bundle", "capture"?}``.
+"threshold", "model", "bundle" (folder@manifest digest of the bundle that scored it),
+"capture"?}``.
 
 Never blocks the pipeline: ``publish`` hands the message to paho's own network thread
 (``loop_start``), which connects asynchronously and reconnects with a backoff of 1 s
@@ -88,7 +89,7 @@ def payload(result) -> dict:
     """The message body of one result."""
     body = {"camera": result.camera, "seq": result.seq, "time": round(time.time(), 6),
             "score": result.score, "label": bool(result.label), "threshold": result.threshold,
-            "bundle": result.model}
+            "model": result.model, "bundle": result.bundle or result.model}
     if getattr(result, "capture", None):
         body["capture"] = result.capture
     return body

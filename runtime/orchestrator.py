@@ -187,11 +187,15 @@ class Runtime:
             self._release()
             raise
         self.pipeline.warmup()
+        from edge_inspect.runtime.reload import Reloader
+
+        self.reloader = Reloader(self)
         http = self.cfg.http
         if http.port is not None:
             try:
                 self.health = HealthServer(self.metrics.registry, self.pipeline.ready, http.host,
-                                           http.port, {"/state/reset": self._reset_command}).start()
+                                           http.port, {"/state/reset": self._reset_command,
+                                                       "/model/reload": self._reload_command}).start()
             except OSError as exc:
                 self.pipeline.close()
                 self._release()
@@ -204,6 +208,24 @@ class Runtime:
         self.thread = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
         self.thread.start()
         return self
+
+    def reload(self, path: str | None = None, reason: str = "command") -> str:
+        """Swap in the bundle at ``path`` (default: the profile's) between batches; returns its
+        id, or raises :class:`~edge_inspect.runtime.reload.ReloadError` (old model kept)."""
+        return self.reloader.reload(path, reason)
+
+    def _reload_command(self, query: dict[str, str]) -> tuple[int, dict]:
+        """``POST /model/reload`` (the profile's bundle again) or ``?bundle=PATH``; answers once
+        the new model serves (200) or the reload failed and the old one still does (409)."""
+        from edge_inspect.runtime.reload import ReloadError
+
+        unknown = sorted(set(query) - {"bundle"})
+        if unknown:
+            return 400, {"error": f"/model/reload takes bundle=<path> or nothing, got {sorted(query)}"}
+        try:
+            return 200, {"serving": self.reload(query.get("bundle") or None, "command")}
+        except ReloadError as exc:
+            return 409, {"error": str(exc), "serving": self.pipeline.slot.current.bundle_id}
 
     def reset_state(self, camera: str | None = None) -> bool:
         """Forget the carried model state of ``camera`` (every camera when None), as the

@@ -125,7 +125,16 @@ class Pipeline:
         model = self.slot.current
         model.engine.warmup()
         self.warm = True
-        self.metrics.model_info.labels(model.name, model.backend, model.precision).set(1)
+        self.announce_model(model)
+
+    def announce_model(self, model, old=None) -> None:
+        """``model_info`` and the threshold gauge name ``model`` (and no longer ``old``)."""
+        if old is not None:
+            try:
+                self.metrics.model_info.remove(old.name, old.bundle_id, old.backend, old.precision)
+            except KeyError:
+                pass
+        self.metrics.model_info.labels(model.name, model.bundle_id, model.backend, model.precision).set(1)
         self.metrics.threshold.labels(model.name).set(
             float("nan") if model.threshold is None else model.threshold)
 
@@ -322,7 +331,7 @@ class Pipeline:
             stages = {"transport": max(0.0, (item.t_recv - msg.t_capture_ns) / 1e9),
                       "preprocess": item.preprocess_s, "infer": infer_s, "postprocess": t1 - t0}
             result = Result(cam, msg.seq, msg.t_capture_ns, score, bool(label), threshold, model.name,
-                            stages, heat, item.planes, source_name(msg.header))
+                            stages, heat, item.planes, source_name(msg.header), bundle=model.bundle_id)
             for sink in self.sinks:
                 sink.publish(result)
             series = self.metrics.camera(cam, model.name)

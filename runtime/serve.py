@@ -3,7 +3,8 @@
 The profile is parsed and checked by :mod:`edge_inspect.runtime.profile`; the runtime is
 started and stopped by :mod:`edge_inspect.runtime.orchestrator`. This module only wires
 them to the command line and to signals: SIGTERM and Ctrl-C (any number of times) stop the
-runtime once, cleanly. Exit codes: 0 -- stopped by a signal, or every camera was a finite
+runtime once, cleanly; SIGHUP, or a new ``bundle`` path in the profile file, reloads the
+model (:mod:`edge_inspect.runtime.reload`). Exit codes: 0 -- stopped by a signal, or every camera was a finite
 replay and finished; 1 -- the pipeline failed, or the cameras ended when they should not
 have (the reason is printed); 2 -- the profile or bundle cannot be served.
 """
@@ -11,6 +12,7 @@ have (the reason is printed); 2 -- the profile or bundle cannot be served.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from edge_inspect.runtime.orchestrator import Runtime
 from edge_inspect.runtime.profile import Profile
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # set before start: no KeyboardInterrupt anywhere
         signal.signal(sig, lambda *_: stopping.set())
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())  # reload: handled by the loop below
     runtime = Runtime(cfg).start()
+    watch = ProfileWatch(args.config, cfg.bundle)
     port = runtime.health.port if runtime.health else None
     print(f"serving {cfg.bundle} on {len(cfg.cameras)} camera(s); results on {cfg.results_endpoint}"
           + (f"; metrics on http://{cfg.http.host}:{port}/metrics" if port else ""), flush=True)
@@ -73,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
             if ended:
                 _drain(runtime, stopping)
                 break
+            changed = watch.bundle_changed()
+            if hup.is_set() or changed:
+                hup.clear()
+                runtime.reloader.request(watch.bundle, "profile change" if changed else "SIGHUP")
             stopping.wait(0.2)
     finally:
         runtime.shutdown()
@@ -87,6 +98,37 @@ def run(args: argparse.Namespace) -> int:
     if ended:
         print("every camera finished its replay", flush=True)
     return 0
+
+
+class ProfileWatch:
+    """The profile's ``bundle`` as the file says now: a new path there is a reload. A profile
+    that no longer parses is logged once per change and ignored (the serving model stays)."""
+
+    def __init__(self, path: Path, bundle: str) -> None:
+        self.path, self.bundle = Path(path), bundle
+        self.mtime = self._mtime()
+
+    def _mtime(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def bundle_changed(self) -> bool:
+        mtime = self._mtime()
+        if mtime == self.mtime:
+            return False
+        self.mtime = mtime
+        try:
+            bundle = Profile.from_yaml(self.path).bundle
+        except (ValueError, OSError) as exc:
+            log.error("profile %s changed but does not load (%s); still serving the current model",
+                      self.path, exc)
+            return False
+        if bundle == self.bundle:
+            return False
+        self.bundle = bundle
+        return True
 
 
 def _drain(runtime: Runtime, stopping: threading.Event, quiet_s: float = 1.0, max_s: float = 30.0) -> None:

@@ -37,10 +37,13 @@ class Result:
     planes: dict[str, np.ndarray] = field(default_factory=dict)  # the fitted frame, by plane
     source: str | None = None  # the replayed image's file name, when the camera sent one
     capture: str | None = None  # <camera>/<folder> of its capture (set by the CaptureSink)
+    bundle: str | None = None  # <folder>@<manifest digest> of the bundle that scored it
 
     @property
     def header(self) -> dict:
         extra = {"source": self.source} if self.source else {}
+        if self.bundle:
+            extra["bundle"] = self.bundle
         return {"score": self.score, "label": int(self.label), "threshold": self.threshold,
                 "model": self.model, "stages": self.stages, **extra}
 

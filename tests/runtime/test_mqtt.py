@@ -102,8 +102,9 @@ class Subscriber:
 
 
 def _result(camera: str, seq: int, label: bool = False) -> Result:
-    return Result(camera, seq, time.monotonic_ns(), 0.5 + seq / 1000, label, 1.0, "textile-v2",
-                  {}, np.zeros((4, 4), np.float16), capture=f"{camera}/x-{seq}" if label else None)
+    return Result(camera, seq, time.monotonic_ns(), 0.5 + seq / 1000, label, 1.0, "textile",
+                  {}, np.zeros((4, 4), np.float16), capture=f"{camera}/x-{seq}" if label else None,
+                  bundle="textile-v2@0123456789ab")
 
 
 def _sink(port: int, metrics: RuntimeMetrics, **kw) -> MqttSink:
@@ -146,8 +147,10 @@ def test_a_broker_restart_mid_stream_loses_nothing_at_qos_1(broker):
     assert sub.wait(lambda: _outcome(metrics, "delivered") >= n, 20)
     assert slowest < 0.05, f"a publish took {slowest:.3f} s: the sink must not block the pipeline"
     first = next(m for m in sub.messages if m["seq"] == 0)
-    assert set(first) == {"camera", "seq", "time", "score", "label", "threshold", "bundle", "capture"}
-    assert first["camera"] == "line2" and first["label"] is True and first["bundle"] == "textile-v2"
+    assert set(first) == {"camera", "seq", "time", "score", "label", "threshold", "model", "bundle",
+                          "capture"}
+    assert first["camera"] == "line2" and first["label"] is True and first["model"] == "textile"
+    assert first["bundle"] == "textile-v2@0123456789ab"
     assert first["capture"] == "line2/x-0" and abs(first["time"] - time.time()) < 120
     assert "capture" not in next(m for m in sub.messages if m["seq"] == 1)
     duplicates = len(sub.messages) - n
@@ -207,5 +210,7 @@ def test_serve_publishes_every_result_with_its_capture(bundles, broker, tmp_path
         rt.shutdown()
     flagged = [m for m in sub.messages if m["label"]]
     assert flagged and all((tmp_path / "captures" / m["capture"]).is_dir() for m in flagged)
-    assert all(m["bundle"] == "textile-v7" and m["camera"] == "cam0" for m in sub.messages)
+    assert all(m["model"] == "textile-v7" and m["camera"] == "cam0" for m in sub.messages)
+    assert {m["bundle"] for m in sub.messages} == {rt.pipeline.slot.current.bundle_id}
+    assert rt.pipeline.slot.current.bundle_id.startswith(bundles["memory"].name + "@")
     sub.close()
