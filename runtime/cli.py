@@ -49,6 +49,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("serve", "run cameras -> ZeroMQ -> engine -> results, with /metrics (no torch)",
                "runtime.serve"),
     Subcommand("watch", "live table of the results a pipeline publishes", "runtime.watch"),
+    Subcommand("monitor", "live web page of a running line: tiles per camera, timelines, anomalies "
+               "(no torch)", "runtime.monitor"),
     Subcommand("keys", "make a CURVE key pair for authenticated tcp links", "runtime.keys"),
     Subcommand("info", "versions and available engine backends", "runtime.info"),
     Subcommand(

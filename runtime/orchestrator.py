@@ -195,7 +195,8 @@ class Runtime:
             try:
                 self.health = HealthServer(self.metrics.registry, self.pipeline.ready, http.host,
                                            http.port, {"/state/reset": self._reset_command,
-                                                       "/model/reload": self._reload_command}).start()
+                                                       "/model/reload": self._reload_command,
+                                                       "/preview": self._preview_command}).start()
             except OSError as exc:
                 self.pipeline.close()
                 self._release()
@@ -226,6 +227,18 @@ class Runtime:
             return 200, {"serving": self.reload(query.get("bundle") or None, "command")}
         except ReloadError as exc:
             return 409, {"error": str(exc), "serving": self.pipeline.slot.current.bundle_id}
+
+    def _preview_command(self, query: dict[str, str]) -> tuple[int, dict]:
+        """``POST /preview?seconds=N`` (at most 300): results carry a downscaled frame for the
+        next N seconds (a monitor renews this lease while its page is open; 0 ends it)."""
+        try:
+            seconds = float(query.get("seconds", "30"))
+        except ValueError:
+            seconds = -1.0
+        if set(query) - {"seconds"} or not 0 <= seconds <= 300:
+            return 400, {"error": f"/preview takes seconds=<0..300>, got {dict(query)}"}
+        self.pipeline.preview_until = time.monotonic() + seconds
+        return 200, {"preview_seconds": seconds}
 
     def reset_state(self, camera: str | None = None) -> bool:
         """Forget the carried model state of ``camera`` (every camera when None), as the

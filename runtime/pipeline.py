@@ -104,6 +104,8 @@ class Pipeline:
         self.to_publish: queue.Queue = queue.Queue(maxsize=2)  # inferred batches
         self._warned_unfit: set[str] = set()
         metrics.start_cameras(cfg.cameras, slot.current.name)
+        # results carry a downscaled frame until this time (a monitor's lease: POST /preview)
+        self.preview_until = 0.0
 
     @property
     def bundle(self):
@@ -330,8 +332,10 @@ class Pipeline:
             msg, cam = item.msg, item.msg.camera
             stages = {"transport": max(0.0, (item.t_recv - msg.t_capture_ns) / 1e9),
                       "preprocess": item.preprocess_s, "infer": infer_s, "postprocess": t1 - t0}
+            preview = preview_of(item.planes) if time.monotonic() < self.preview_until else None
             result = Result(cam, msg.seq, msg.t_capture_ns, score, bool(label), threshold, model.name,
-                            stages, heat, item.planes, source_name(msg.header), bundle=model.bundle_id)
+                            stages, heat, item.planes, source_name(msg.header), bundle=model.bundle_id,
+                            preview=preview)
             for sink in self.sinks:
                 sink.publish(result)
             series = self.metrics.camera(cam, model.name)
@@ -453,3 +457,19 @@ def source_name(header: dict) -> str | None:
     a sender's odd value is ignored, never fatal, never a path."""
     name = header.get("source")
     return name if isinstance(name, str) and SOURCE_NAME.fullmatch(name) else None
+
+
+PREVIEW_SIDE = 320  # pixels, the longer side of a monitor's preview
+
+
+def preview_of(planes: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The fitted RGB frame shrunk to at most :data:`PREVIEW_SIDE` (None without an RGB plane)."""
+    images = [p for p in planes.values() if p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3]
+    if not images:
+        return None
+    frame = images[0]
+    scale = PREVIEW_SIDE / max(frame.shape[:2])
+    if scale >= 1:
+        return np.ascontiguousarray(frame)
+    size = (max(1, round(frame.shape[1] * scale)), max(1, round(frame.shape[0] * scale)))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)

@@ -38,6 +38,7 @@ class Result:
     source: str | None = None  # the replayed image's file name, when the camera sent one
     capture: str | None = None  # <camera>/<folder> of its capture (set by the CaptureSink)
     bundle: str | None = None  # <folder>@<manifest digest> of the bundle that scored it
+    preview: np.ndarray | None = None  # downscaled RGB frame, only while a monitor asks for it
 
     @property
     def header(self) -> dict:
@@ -55,9 +56,13 @@ class ResultSocketSink:
         self.sender = sender
 
     def publish(self, result: Result) -> None:
+        arrays, planes = [result.heatmap], ["heatmap"]
+        if result.preview is not None:
+            arrays.append(result.preview)
+            planes.append("preview")
         try:
             self.sender.send(encode("result", result.camera, result.seq, result.t_capture_ns,
-                                    [result.heatmap], **result.header))
+                                    arrays, planes=planes, **result.header))
         except TimeoutError as exc:  # an every_part results consumer stalled: keep serving
             log.warning("result of %s seq %d not delivered: %s", result.camera, result.seq, exc)
 
