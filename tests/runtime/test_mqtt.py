@@ -145,7 +145,8 @@ def test_a_broker_restart_mid_stream_loses_nothing_at_qos_1(broker):
     assert sub.wait(lambda: got() == set(range(n)), 60), f"missing {sorted(set(range(n)) - got())[:20]}"
     assert _outcome(metrics, "dropped") == 0 and _outcome(metrics, "queued") == n
     assert sub.wait(lambda: _outcome(metrics, "delivered") >= n, 20)
-    assert slowest < 0.05, f"a publish took {slowest:.3f} s: the sink must not block the pipeline"
+    # never waits for the broker: the outage lasts 1.5 s (a loaded 2-core box shows ~0.1 s GIL waits)
+    assert slowest < 0.5, f"a publish took {slowest:.3f} s: the sink must not block the pipeline"
     first = next(m for m in sub.messages if m["seq"] == 0)
     assert set(first) == {"camera", "seq", "time", "score", "label", "threshold", "model", "bundle",
                           "capture"}
