@@ -91,7 +91,7 @@ class MonitorState:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.cameras: dict[str, CameraView] = {}
-        self.anomalies: deque = deque(maxlen=ANOMALIES)  # (id, camera, seq, unix time, score, jpeg)
+        self.anomalies: deque = deque(maxlen=ANOMALIES)  # (id, camera, seq, time, score, capture, jpeg)
         self.next_anomaly = 0
         self.drops: dict[str, dict[str, float]] = {}
         self.up: dict[str, float] = {}
@@ -128,7 +128,7 @@ class MonitorState:
             if label:
                 cam.anomalies += 1
                 self.anomalies.appendleft((self.next_anomaly, msg.camera, msg.seq, time.time(), score,
-                                           jpeg or cam.jpeg))
+                                           str(h.get("capture") or ""), jpeg or cam.jpeg))
                 self.next_anomaly += 1
 
     def snapshot(self) -> dict:
@@ -136,8 +136,8 @@ class MonitorState:
         with self.lock:
             cams = [c.snapshot(now, self.drops.get(c.camera, {}), self.up.get(c.camera))
                     for c in sorted(self.cameras.values(), key=lambda c: c.camera)]
-            anomalies = [{"id": i, "camera": c, "seq": s, "time": t, "score": _num(sc),
-                          "has_picture": bool(j)} for i, c, s, t, sc, j in self.anomalies]
+            anomalies = [{"id": i, "camera": c, "seq": s, "time": t, "score": _num(sc), "capture": cap,
+                          "has_picture": bool(j)} for i, c, s, t, sc, cap, j in self.anomalies]
         return {"cameras": cams, "anomalies": anomalies, "preview": self.preview, "now": now - self.t0}
 
     def camera_jpeg(self, camera: str) -> bytes | None:

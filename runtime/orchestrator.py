@@ -149,13 +149,14 @@ class Runtime:
                  "curve_server_public": self.curve.server_public, "curve_client_keys": self.curve.clients}
                 if self._curve(endpoint) else {})
         results = Sender(TransportConfig(endpoint, mode="live", hwm=1000, **keys))  # small messages
-        sinks: list = [ResultSocketSink(results)]
-        if self.cfg.captures is not None:
-            skipped = self.metrics.captures_skipped
+        sinks: list = []
+        if self.cfg.captures is not None:  # first: it names the capture in the result (submit
+            skipped = self.metrics.captures_skipped  # only queues it) for the sinks after it
             store = CaptureStore(self.cfg.captures.folder, self.cfg.captures.retain,
                                  on_skip=lambda cam: skipped.labels(cam).inc())
             sinks.append(CaptureSink(store))
-        if self.cfg.mqtt is not None:  # after the capture sink: it names the capture
+        sinks.append(ResultSocketSink(results))
+        if self.cfg.mqtt is not None:
             from edge_inspect.runtime.mqtt_sink import MqttSink
 
             sinks.append(MqttSink(self.cfg.mqtt, self.metrics.sink_messages, self.metrics.mqtt_connected))

@@ -45,6 +45,8 @@ class Result:
         extra = {"source": self.source} if self.source else {}
         if self.bundle:
             extra["bundle"] = self.bundle
+        if self.capture:
+            extra["capture"] = self.capture
         return {"score": self.score, "label": int(self.label), "threshold": self.threshold,
                 "model": self.model, "stages": self.stages, **extra}
 

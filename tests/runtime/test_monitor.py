@@ -104,6 +104,7 @@ def test_the_page_in_a_real_browser_shows_two_cameras_live(bundles, tmp_path):
         cv2.imwrite(str(folder / f"nominal-{i}.png"), ds[i].image[..., ::-1])
     profile = {"bundle": str(bundles["memory"]), "mode": "live", "endpoint_dir": str(tmp_path / "ep"),
                "model_name": "textile", "http": {"host": "127.0.0.1", "port": 0},
+               "captures": {"folder": str(tmp_path / "captures"), "retain": 20},
                "cameras": [{"id": "line1", "source": "folder", "path": str(folder), "fps": 4, "loop": True},
                            # random frames are not textile: every one is flagged
                            {"id": "noise", "source": "synthetic", "size": [250, 250], "fps": 4}]}
@@ -131,6 +132,8 @@ def test_the_page_in_a_real_browser_shows_two_cameras_live(bundles, tmp_path):
             assert time.monotonic() < deadline, "no frame image loaded"
             time.sleep(0.3)
         assert browser.evaluate("document.querySelectorAll('#anomalies figure').length") > 0
+        capture = browser.evaluate("document.querySelector('#anomalies .capture').textContent")
+        assert re.fullmatch(r"captures/noise/\d{8}T\d{6}\.\d{6}Z-noise-\d{8}", capture), capture
         shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
         (tmp_path / "monitor.png").write_bytes(shot)
         if os.environ.get("EDGE_INSPECT_SCREENSHOT"):  # README's picture (docs/monitor.jpg is it,
