@@ -202,3 +202,20 @@ def test_drops_and_camera_state_are_read_from_the_runtime_metrics():
             'edge_inspect_camera_up{camera="a"} 0.0\nedge_inspect_camera_up{camera="b"} 1.0\n')
     drops, up = read_runtime_metrics(text)
     assert drops == {"a": {"stale": 3.0, "hwm": 0.0}} and up == {"a": 0.0, "b": 1.0}
+
+
+def test_a_silent_or_reported_down_camera_shows_as_down(monkeypatch):
+    from edge_inspect.runtime import monitor as mon
+    from edge_inspect.runtime.transport.wire import decode, encode
+
+    state = mon.MonitorState()
+    heat = np.zeros((4, 4), np.float16)
+    for cam in ("a", "b"):
+        state.add(decode(encode("result", cam, 1, time.monotonic_ns(), [heat], score=0.2, label=0,
+                                threshold=1.0, model="m", bundle="x@1")))
+    state.up = {"a": 1.0, "b": 0.0}  # the runtime's camera_up
+    cams = {c["camera"]: c for c in state.snapshot()["cameras"]}
+    assert not cams["a"]["down"] and cams["b"]["down"]
+    later = time.monotonic() + mon.DOWN_AFTER_S + 1
+    monkeypatch.setattr(mon.time, "monotonic", lambda: later)
+    assert all(c["down"] for c in state.snapshot()["cameras"])  # no result for too long
