@@ -128,14 +128,17 @@ class MonitorState:
             if label:
                 cam.anomalies += 1
                 self.anomalies.appendleft((self.next_anomaly, msg.camera, msg.seq, time.time(), score,
-                                           str(h.get("capture") or ""), jpeg or cam.jpeg))
+                                           str(h.get("capture") or ""), jpeg))
                 self.next_anomaly += 1
 
     def snapshot(self) -> dict:
         now = time.monotonic()
         with self.lock:
+            views = dict(self.cameras)
+            for name in set(self.up) - set(views):  # configured, no result yet (down from the start)
+                views[name] = CameraView(name)
             cams = [c.snapshot(now, self.drops.get(c.camera, {}), self.up.get(c.camera))
-                    for c in sorted(self.cameras.values(), key=lambda c: c.camera)]
+                    for c in sorted(views.values(), key=lambda c: c.camera)]
             anomalies = [{"id": i, "camera": c, "seq": s, "time": t, "score": _num(sc), "capture": cap,
                           "has_picture": bool(j)} for i, c, s, t, sc, cap, j in self.anomalies]
         return {"cameras": cams, "anomalies": anomalies, "preview": self.preview, "now": now - self.t0}
@@ -179,7 +182,12 @@ class Monitor:
         self.stop = threading.Event()
         self.rx = Receiver(TransportConfig(endpoint, mode="live", hwm=1000))
         self.page = resources.files("edge_inspect.runtime").joinpath("monitor.html").read_bytes()
-        self.server = ThreadingHTTPServer((host, port), self._handler())
+        try:
+            self.server = ThreadingHTTPServer((host, port), self._handler())
+        except OSError as exc:
+            self.rx.close()
+            raise ValueError(f"cannot serve the monitor on {host}:{port} ({exc.strerror or exc}); "
+                             "choose another --port (0 picks a free one)") from None
         self.server.daemon_threads = True
         self.threads = [threading.Thread(target=f, daemon=True, name=n) for f, n in (
             (self._results, "monitor-results"), (self._control_loop, "monitor-control"),
@@ -198,8 +206,8 @@ class Monitor:
         self.stop.set()
         self.server.shutdown()
         self.server.server_close()
-        self._post_preview(0)
-        self.rx.close()
+        self.threads[0].join(2)  # the results thread stops using the socket first
+        self.rx.close()  # the preview lease runs out by itself (other monitors may hold one)
 
     def _results(self) -> None:
         while not self.stop.is_set():
@@ -208,10 +216,12 @@ class Monitor:
                 continue
             try:
                 msg = decode(parts)
+                if msg.kind == "result":
+                    self.state.add(msg)
             except MalformedMessage:
                 continue
-            if msg.kind == "result":
-                self.state.add(msg)
+            except Exception:  # noqa: BLE001 - one odd result must not stop the page
+                log.exception("monitor: a result could not be shown")
 
     def _post_preview(self, seconds: int) -> bool:
         if not self.control:

@@ -61,8 +61,12 @@ class MqttSection:
     capture_ref: bool = True
 
     def check(self, where: str) -> MqttSection:
+        import importlib.util
+
         from edge_inspect.runtime.profile import ProfileError
 
+        if importlib.util.find_spec("paho") is None:
+            raise ProfileError(f"{where}: the MQTT sink needs paho-mqtt: {INSTALL_HINT}")
         if self.qos not in (0, 1, 2) or isinstance(self.qos, bool):
             raise ProfileError(f"{where}.qos must be 0, 1 or 2, got {self.qos!r}")
         for key in ("port", "keepalive", "queue"):
@@ -151,7 +155,13 @@ class MqttSink:
         topic = self.cfg.topic.format(camera=result.camera, model=result.model)
         body = json.dumps(payload(result) if self.cfg.capture_ref else
                           {k: v for k, v in payload(result).items() if k != "capture"})
-        info = self.client.publish(topic, body, qos=self.cfg.qos, retain=self.cfg.retain)
+        try:
+            info = self.client.publish(topic, body, qos=self.cfg.qos, retain=self.cfg.retain)
+        except ValueError as exc:  # e.g. a model name with + or # made the topic invalid
+            self._count("dropped")
+            self.noisy.warning("topic", "MQTT result of %s not published: %s (topic %r)", result.camera,
+                               exc, topic)
+            return
         # QoS 1/2 while disconnected: paho keeps the message and sends it after reconnecting
         if info.rc == self.mqtt.MQTT_ERR_SUCCESS or (info.rc == self.mqtt.MQTT_ERR_NO_CONN and self.cfg.qos):
             self._count("queued")
@@ -164,7 +174,8 @@ class MqttSink:
     def flush(self, timeout_s: float = 2.0) -> None:
         """Give queued messages up to ``timeout_s`` to be acknowledged (at shutdown)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.client.is_connected() and self.pending():
+        while (self.cfg.qos and time.monotonic() < deadline and self.client.is_connected()
+               and self.pending()):  # QoS 0 is never acknowledged: nothing to wait for
             time.sleep(0.02)
 
     def pending(self) -> int:

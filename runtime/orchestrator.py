@@ -230,15 +230,16 @@ class Runtime:
             return 409, {"error": str(exc), "serving": self.pipeline.slot.current.bundle_id}
 
     def _preview_command(self, query: dict[str, str]) -> tuple[int, dict]:
-        """``POST /preview?seconds=N`` (at most 300): results carry a downscaled frame for the
-        next N seconds (a monitor renews this lease while its page is open; 0 ends it)."""
+        """``POST /preview?seconds=N`` (at most 300): results carry a downscaled frame for at
+        least the next N seconds (each monitor renews its lease while it runs; one monitor
+        never shortens another's)."""
         try:
             seconds = float(query.get("seconds", "30"))
         except ValueError:
             seconds = -1.0
         if set(query) - {"seconds"} or not 0 <= seconds <= 300:
             return 400, {"error": f"/preview takes seconds=<0..300>, got {dict(query)}"}
-        self.pipeline.preview_until = time.monotonic() + seconds
+        self.pipeline.preview_until = max(self.pipeline.preview_until, time.monotonic() + seconds)
         return 200, {"preview_seconds": seconds}
 
     def reset_state(self, camera: str | None = None) -> bool:

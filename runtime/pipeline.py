@@ -84,6 +84,7 @@ class Prepared:
     planes: dict[str, np.ndarray]  # input name -> fitted, contiguous (H, W, C)
     preprocess_s: float
     restart: bool = False  # the first frame of a new sequence of its camera
+    bundle: object = None  # the bundle its planes were fitted for (a reload may change it)
 
 
 class Pipeline:
@@ -134,6 +135,8 @@ class Pipeline:
         if old is not None:
             try:
                 self.metrics.model_info.remove(old.name, old.bundle_id, old.backend, old.precision)
+                if old.name != model.name:
+                    self.metrics.threshold.remove(old.name)
             except KeyError:
                 pass
         self.metrics.model_info.labels(model.name, model.bundle_id, model.backend, model.precision).set(1)
@@ -246,13 +249,11 @@ class Pipeline:
         if msg.camera in self._restart_unscored:
             self._restart_unscored.discard(msg.camera)
             restart = True
-        planes = msg.planes
+        bundle = self.bundle  # once: a reload may swap it meanwhile (infer re-fits then)
         try:
             # contiguous here, on the intake thread: a copy in the inference thread would
             # release the GIL between engine calls and let the other stages take it
-            fitted = {p.name: np.ascontiguousarray(fit_image(planes[p.modality], (p.height, p.width),
-                                                             p.fit, p.interpolation))
-                      for p in self.bundle.inputs}
+            fitted = fit_planes(msg.planes, bundle)
         except Exception as exc:  # noqa: BLE001 - ValueError (too small), or cv2 on odd input
             if msg.camera not in self._warned_unfit:  # profile cameras only: bounded
                 log.warning("camera %s: %s (frames dropped as malformed)", msg.camera, exc)
@@ -261,7 +262,7 @@ class Pipeline:
             if restart:
                 self._restart_unscored.add(msg.camera)
             return None
-        return Prepared(msg, t_recv, fitted, time.perf_counter() - t0, restart)
+        return Prepared(msg, t_recv, fitted, time.perf_counter() - t0, restart, bundle)
 
     def infer(self, batch: list[Prepared]) -> tuple[ServingModel, dict, float]:
         """One engine call for the micro-batch with the slot's current model; returns the
@@ -275,6 +276,15 @@ class Pipeline:
         t0 = time.perf_counter()
         model = self.slot.current  # once per batch: a swap takes effect between batches
         bundle = model.bundle
+        for item in list(batch):  # fitted before a reload: fit again for the new bundle's inputs
+            if item.bundle is not None and item.bundle is not bundle:
+                try:
+                    item.planes, item.bundle = fit_planes(item.msg.planes, bundle), bundle
+                except Exception:  # noqa: BLE001 - it does not fit the new inputs: dropped, counted
+                    batch.remove(item)
+                    self.metrics.drop(item.msg.camera, "malformed")
+        if not batch:
+            return model, {bundle.score_output: np.zeros(0), bundle.map_output: np.zeros((0, 1, 1))}, 0.0
         if len(batch) == 1:
             feeds = {name: plane[None] for name, plane in batch[0].planes.items()}
         else:
@@ -457,6 +467,14 @@ def source_name(header: dict) -> str | None:
     a sender's odd value is ignored, never fatal, never a path."""
     name = header.get("source")
     return name if isinstance(name, str) and SOURCE_NAME.fullmatch(name) else None
+
+
+def fit_planes(planes: dict[str, np.ndarray], bundle) -> dict[str, np.ndarray]:
+    """A frame's planes fitted to each of ``bundle``'s inputs, contiguous (raises when a
+    plane is missing or too small)."""
+    return {p.name: np.ascontiguousarray(fit_image(planes[p.modality], (p.height, p.width), p.fit,
+                                                   p.interpolation))
+            for p in bundle.inputs}
 
 
 PREVIEW_SIDE = 320  # pixels, the longer side of a monitor's preview

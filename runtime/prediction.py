@@ -101,6 +101,14 @@ def plane_files(bundle, images: list[Path], planes: dict[str, str | Path] | None
     """For each of the bundle's further planes, the file beside each image (same stem)."""
     wanted = [p.name for p in bundle.inputs[1:]]
     given = dict(planes or {})
+    if given:
+        stems: dict[str, Path] = {}
+        for image in images:
+            if image.stem in stems:
+                raise ValueError(f"{stems[image.stem]} and {image} share the name {image.stem!r}, so "
+                                 "their plane files would be the same: with --plane, score one "
+                                 "folder of images at a time")
+            stems[image.stem] = image
     unknown = sorted(set(given) - set(wanted))
     if unknown:
         raise ValueError(f"the bundle has no input plane {unknown}; its planes after the image: {wanted}")
@@ -186,6 +194,8 @@ def _planes(items: list[str]) -> dict[str, str]:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise ValueError(f"--plane {item!r} must look like NAME=DIR (e.g. xyz=scans/xyz)")
+        if name in out:
+            raise ValueError(f"--plane {name} given twice; give each plane once")
         out[name] = folder
     return out
 
@@ -193,13 +203,13 @@ def _planes(items: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from edge_inspect.runtime.engines import open_engine
 
-    if args.out.exists() and any(args.out.iterdir()):
-        raise FileExistsError(f"{args.out} already holds files; predictions are never written over "
-                              "earlier ones: choose a new --out")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise ValueError(f"{args.out} already exists and is not an empty folder; predictions are "
+                         "never written over anything: choose a new --out")
     planes = _planes(args.plane)
     bundle = load_bundle(args.bundle)
     engine = open_engine(bundle, args.backend)
-    image_paths(args.images)  # a wrong path is reported before the output folder appears
+    plane_files(bundle, image_paths(args.images), planes)  # wrong paths: before --out appears
     args.out.mkdir(parents=True, exist_ok=True)
     overlays = args.out / "overlays"
     n = n_bad = 0

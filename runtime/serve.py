@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                 _drain(runtime, stopping)
                 break
             changed = watch.bundle_changed()
+            if changed:  # POST /model/reload without a path follows the profile too
+                runtime.cfg.bundle = watch.bundle
             if hup.is_set() or changed:
                 hup.clear()
                 runtime.reloader.request(watch.bundle, "profile change" if changed else "SIGHUP")

@@ -174,7 +174,10 @@ def test_results_carry_a_preview_only_while_a_monitor_holds_a_lease(bundles, tmp
         assert rt._preview_command({"seconds": "30"})[0] == 200
         later = planes(10)[5:]  # past the frames already in flight
         assert all(p == ["heatmap", "preview"] for p in later)
-        assert rt._preview_command({"seconds": "0"})[0] == 200
+        assert rt._preview_command({"seconds": "0"})[0] == 200  # never shortens a lease held
+        assert all(p == ["heatmap", "preview"] for p in planes(5))
+        rt.pipeline.preview_until = time.monotonic() + 0.2  # a lease that runs out
+        time.sleep(0.3)
         assert planes(10)[5:] == [["heatmap"]] * 5
         assert rt._preview_command({"seconds": "9999"})[0] == 400
     finally:
@@ -219,3 +222,6 @@ def test_a_silent_or_reported_down_camera_shows_as_down(monkeypatch):
     later = time.monotonic() + mon.DOWN_AFTER_S + 1
     monkeypatch.setattr(mon.time, "monotonic", lambda: later)
     assert all(c["down"] for c in state.snapshot()["cameras"])  # no result for too long
+    state.up["c"] = 0.0  # configured, down from the start: a tile without any result
+    cams = {c["camera"]: c for c in state.snapshot()["cameras"]}
+    assert cams["c"]["down"] and cams["c"]["seq"] == -1

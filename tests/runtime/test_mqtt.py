@@ -188,6 +188,15 @@ def test_mqtt_settings_are_checked():
                        ({"password_env": "EDGE_INSPECT_NOT_SET_HERE"}, "which is not set")):
         with pytest.raises(ProfileError, match=words):
             Profile.from_dict({**base, "mqtt": bad})
+    import importlib.util
+
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == "paho" else real(name, *a)
+    try:
+        with pytest.raises(ProfileError, match=r"needs paho-mqtt: pip install 'edge-inspect\[mqtt\]'"):
+            Profile.from_dict({**base, "mqtt": {"host": "broker"}})
+    finally:
+        importlib.util.find_spec = real
     section = Profile.from_dict({**base, "mqtt": {"host": "broker"}}).mqtt
     assert (section.topic, section.qos, section.retain) == ("edge-inspect/{camera}/result", 1, True)
 

@@ -250,3 +250,29 @@ def test_every_configured_camera_and_reason_starts_at_zero(bundles, tmp_path, ct
     assert 'edge_inspect_frames_dropped_total{camera="unknown",reason="unknown_camera"} 0.0' in text
     assert 'camera="cam0",reason="unknown_camera"' not in text
     pipe.close()
+
+
+def test_frames_fitted_before_a_reload_are_fitted_again_for_the_new_bundle(bundles, tmp_path, ctx):
+    """A reload to a bundle with other input sizes: frames already prepared for the old one
+    are fitted again (or, when they cannot be, dropped and counted), never fed as they are."""
+    memory, afclip = load_bundle(bundles["memory"]), load_bundle(bundles["afclip"])
+    metrics = RuntimeMetrics()
+    pipe = make_pipeline(memory, open_engine(memory), TransportConfig(f"ipc://{tmp_path}/f", mode="live"),
+                         TransportConfig(f"ipc://{tmp_path}/r", mode="live"), ctx, metrics)
+
+    def prepared(size: int, n: int) -> list:
+        frame = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        return [pipe.prepare(decode(encode("frame", "cam0", i, time.monotonic_ns(), [frame])), 0)
+                for i in range(n)]
+
+    batch = prepared(250, 2)  # fitted to the memory bundle's 248 x 248 crop
+    pipe.slot.swap(afclip, open_engine(afclip), "afclip")
+    model, out, _ = pipe.infer(batch)
+    assert model.bundle is afclip and out[afclip.score_output].shape == (2,)
+    assert batch[0].planes["image"].shape == (afclip.image.height, afclip.image.width, 3)
+    small = prepared(120, 2)  # fine for AF-CLIP's resize, too small for the memory's crop
+    pipe.slot.swap(memory, open_engine(memory), "memory")
+    model, out, _ = pipe.infer(small)
+    assert small == [] and out[memory.score_output].shape == (0,)
+    assert _value(metrics, "edge_inspect_frames_dropped_total", camera="cam0", reason="malformed") == 2
+    pipe.close()

@@ -97,7 +97,8 @@ def test_predict_refuses_a_used_folder_and_a_wrong_path(bundles, textile_images,
     (out / "keep.txt").write_text("mine")
     proc = _predict_cli(["predict", "--bundle", str(bundles["memory"]), str(textile_images),
                          "--out", str(out)])
-    assert proc.returncode != 0 and "already holds files" in proc.stderr
+    assert proc.returncode == 2 and "is not an empty folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, no traceback
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     proc = _predict_cli(["predict", "--bundle", str(bundles["memory"]), str(tmp_path / "nope"),
                          "--out", str(tmp_path / "new")])
@@ -158,6 +159,10 @@ def test_an_rgbd_bundle_takes_paired_planes(pirn_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((tmp_path / "o" / "predictions.csv").open()))
     assert np.allclose([float(r["score"]) for r in rows], [p.score for p in got], rtol=1e-5)
+    twin = tmp_path / "twin"  # another folder with the same image names: which plane is whose?
+    shutil.copytree(tmp_path / "scan" / "rgb", twin)
+    with pytest.raises(ValueError, match="share the name '000'.*one folder of images at a time"):
+        list(predict(engine, [tmp_path / "scan" / "rgb", twin], {names[1]: plane_dir}))
     (tmp_path / "scan" / names[1] / "001.tiff").unlink()
     with pytest.raises(FileNotFoundError, match="no .* plane for 001.png"):
         list(predict(engine, [tmp_path / "scan" / "rgb"], {names[1]: tmp_path / "scan" / names[1]}))
