@@ -58,6 +58,7 @@ def test_wheel_holds_only_the_namespace(tmp_path):
         for init in (REPO / layer).rglob("__init__.py"):
             rel = init.relative_to(REPO).as_posix()
             assert f"edge_inspect/{rel}" in names, rel
+    assert "edge_inspect/runtime/monitor.html" in names  # the page `edge-inspect monitor` serves
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"edge-inspect = edge_inspect.runtime.cli:main" in entry
 
