@@ -1,0 +1,189 @@
+"""A ring of frame slots in POSIX shared memory: the pixels stay in place, a small reference
+(ring, slot, generation, planes) travels over ZeroMQ instead (the Frigate pattern).
+
+Layout of one segment: a header of ``slots`` int64 generation counters (one per slot, 64
+bytes apart so two slots never share a cache line), then ``slots`` data areas of
+``slot_bytes`` each. Writing a frame into slot ``i`` (a seqlock): the generation goes to an
+odd value, the planes are copied in, the generation goes to the next even value, which the
+reference carries. A reader checks, after it has used the frame in place (fitted it: the
+one copy the pipeline makes), that the slot still holds that generation; if the writer has
+come round meanwhile the frame is discarded and counted as ``overwritten``, never scored
+torn. References that do not fit the ring (another ring, a slot out of range, a generation
+that is odd or not the slot's, planes larger than a slot) are refused with a reason.
+
+Ownership: the runtime creates each camera's ring (named ``edge-inspect-<pid>-<camera>``)
+and unlinks it when it stops; a camera process only attaches. Python's resource tracker
+would unlink a segment when an attaching process's tracker ends (CPython issue 82300), so
+attaching never registers it (:func:`attach_untracked`). A runtime killed outright leaves
+its rings behind; the next runtime removes every ``edge-inspect-<pid>-*`` whose pid no
+longer runs (:func:`sweep_stale`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+
+import numpy as np
+
+PREFIX = "edge-inspect-"
+GEN_STRIDE = 8  # int64 entries between two slots' generation counters (64 bytes)
+NAME = re.compile(rf"{re.escape(PREFIX)}(\d+)-[A-Za-z0-9_-]{{1,64}}")
+SHM_DIR = Path("/dev/shm")
+
+
+class StaleReference(ValueError):
+    """A reference that does not (or no longer) match the ring; ``reason`` is the drop reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """What a frame message carries instead of the pixels."""
+
+    ring: str
+    slot: int
+    generation: int
+    planes: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype)
+
+    def as_header(self) -> dict:
+        return {"ring": self.ring, "slot": self.slot, "generation": self.generation,
+                "planes": [[n, list(s), d] for n, s, d in self.planes]}
+
+
+def ring_name(camera: str, pid: int | None = None) -> str:
+    return f"{PREFIX}{os.getpid() if pid is None else pid}-{camera}"
+
+
+class FrameRing:
+    """One camera's ring. ``create=True`` (the runtime) makes and owns the segment."""
+
+    def __init__(self, name: str, slots: int = 8, slot_bytes: int = 0, create: bool = False) -> None:
+        line = 8 * GEN_STRIDE  # bytes per cache line: the meta block, then one per slot counter
+        if create:
+            if slots < 2 or slot_bytes < 1:
+                raise ValueError(f"a ring needs >= 2 slots of >= 1 byte, got {slots} x {slot_bytes}")
+            self.shm = shared_memory.SharedMemory(name=name, create=True,
+                                                  size=line * (slots + 1) + slots * slot_bytes)
+            np.ndarray((2,), np.int64, self.shm.buf)[:] = [slots, slot_bytes]
+        else:
+            self.shm = attach_untracked(name)
+        self.name, self.owner = name, create
+        meta = np.ndarray((2,), np.int64, self.shm.buf)
+        self.slots, self.slot_bytes = int(meta[0]), int(meta[1])
+        self.data_offset = line * (self.slots + 1)
+        self.generations = np.ndarray((self.slots, GEN_STRIDE), np.int64, self.shm.buf, offset=line)[:, 0]
+        self.next_slot = 0
+
+    # -- writer (a camera process) ----------------------------------------------------------------
+    def write(self, planes: dict[str, np.ndarray], slot: int | None = None) -> SlotRef:
+        """Copy ``planes`` into the next slot (or ``slot``); returns the reference to send."""
+        total = sum(p.nbytes for p in planes.values())
+        if total > self.slot_bytes:
+            raise ValueError(f"frame of {total} bytes does not fit a slot of {self.slot_bytes} bytes")
+        i = self.next_slot if slot is None else slot
+        self.next_slot = (i + 1) % self.slots
+        gen = int(self.generations[i])
+        self.generations[i] = gen + 1 if gen % 2 == 0 else gen + 2  # odd: being written
+        offset = self.data_offset + i * self.slot_bytes
+        described = []
+        for name, plane in planes.items():
+            plane = np.ascontiguousarray(plane)
+            view = np.ndarray(plane.shape, plane.dtype, self.shm.buf, offset=offset)
+            np.copyto(view, plane)
+            described.append((name, tuple(plane.shape), plane.dtype.name))
+            offset += plane.nbytes
+        done = int(self.generations[i]) + 1  # even: complete
+        self.generations[i] = done
+        return SlotRef(self.name, i, done, tuple(described))
+
+    # -- reader (the pipeline) --------------------------------------------------------------------
+    def view(self, ref: SlotRef) -> dict[str, np.ndarray]:
+        """Read-only views of the referenced frame in place; raises :class:`StaleReference`
+        for a reference that does not fit this ring or whose slot was rewritten already."""
+        if ref.ring != self.name:
+            raise StaleReference("malformed", f"reference to ring {ref.ring!r}, not {self.name!r}")
+        if not 0 <= ref.slot < self.slots:
+            raise StaleReference("malformed", f"slot {ref.slot} outside 0..{self.slots - 1}")
+        if ref.generation <= 0 or ref.generation % 2:
+            raise StaleReference("malformed", f"generation {ref.generation} is not a written frame")
+        if int(self.generations[ref.slot]) != ref.generation:
+            raise StaleReference("overwritten", f"slot {ref.slot} holds another frame already")
+        offset, out = self.data_offset + ref.slot * self.slot_bytes, {}
+        end = offset + self.slot_bytes
+        for name, shape, dtype in ref.planes:
+            dt = np.dtype(dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if nbytes < 0 or offset + nbytes > end:
+                raise StaleReference("malformed", f"plane {name} of {shape} {dtype} overruns the slot")
+            view = np.ndarray(shape, dt, self.shm.buf, offset=offset)
+            view.flags.writeable = False
+            out[name] = view
+            offset += nbytes
+        return out
+
+    def still_valid(self, ref: SlotRef) -> bool:
+        """After using :meth:`view`'s arrays: False when the writer came round meanwhile."""
+        return int(self.generations[ref.slot]) == ref.generation
+
+    def close(self) -> None:
+        """Detach (the owner also removes the segment)."""
+        self.generations = None
+        try:
+            self.shm.close()
+        except BufferError:  # a view is still alive somewhere: the mapping goes with the process
+            pass
+        if self.owner:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def attach_untracked(name: str) -> shared_memory.SharedMemory:
+    """Attach without registering with the resource tracker (Python < 3.13 registers every
+    attach, and a tracker that outlives the attaching process unlinks the owner's segment;
+    unregistering afterwards would also drop the owner's own registration when both share
+    one tracker, as spawned camera processes do)."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+def sweep_stale(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Remove rings left by runtimes that no longer run (killed outright); returns their names."""
+    removed = []
+    if not shm_dir.is_dir():
+        return removed
+    for entry in shm_dir.iterdir():
+        m = NAME.fullmatch(entry.name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry.name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
