@@ -69,6 +69,17 @@ CANDIDATES = {
 
 
 @torch.no_grad()
+def textile_setup():
+    """The demo's memory config on the whole textile set: ``(config, head, loader, test set)``."""
+    torch.set_num_threads(2)
+    cfg = RunConfig.from_yaml(ROOT / "configs/memory/textile-texture.yaml", [
+        "eval.limit=null", "data.target=[{name: textile, kind: textile}]"])
+    head = load_head(cfg, None)
+    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
+                         cfg.interpolation)
+    return cfg, head, loader, cfg.target_data[0].open()
+
+
 def all_features(head, loader, test) -> tuple[torch.Tensor, torch.Tensor]:
     """Local patch features ``(n, N, C)`` and global image means ``(n, C')`` of every image."""
     local, means = [], []
@@ -129,13 +140,7 @@ def main() -> None:
                         help="draws below this were looked at while choosing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    cfg = RunConfig.from_yaml(ROOT / "configs/memory/textile-texture.yaml", [
-        "eval.limit=null", "data.target=[{name: textile, kind: textile}]"])
-    head = load_head(cfg, None)
-    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
-                         cfg.interpolation)
-    test = cfg.target_data[0].open()
+    cfg, head, loader, test = textile_setup()
     local, means = all_features(head, loader, test)
     rows = {name: [] for name in CANDIDATES}
     for seed in tqdm(range(args.seeds), desc="draws", unit="draw"):

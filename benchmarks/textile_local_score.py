@@ -35,14 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from textile_calibration_choices import all_features  # the same per-image features
+from textile_calibration_choices import all_features, textile_setup  # the same features
 from tqdm import tqdm
 
 from edge_inspect.runtime.calibration import gumbel_threshold
 from edge_inspect.runtime.enrollment import border_scale
-from edge_inspect.trainer.config import RunConfig
-from edge_inspect.trainer.data.batches import BatchLoader
-from edge_inspect.trainer.evaluate import load_head, split_normals
+from edge_inspect.trainer.evaluate import split_normals
 from edge_inspect.trainer.memory import ImageShift, mahalanobis
 from edge_inspect.trainer.metrics import auroc
 
@@ -110,13 +108,7 @@ def main() -> None:
                         help="score only the draws already in --cache (compute no new ones)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    cfg = RunConfig.from_yaml(ROOT / "configs/memory/textile-texture.yaml", [
-        "eval.limit=null", "data.target=[{name: textile, kind: textile}]"])
-    head = load_head(cfg, None)
-    loader = BatchLoader(head.backbone.input_size, head.backbone.normalization, cfg.fit_mode,
-                         cfg.interpolation)
-    test = cfg.target_data[0].open()
+    cfg, head, loader, test = textile_setup()
     args.cache.mkdir(parents=True, exist_ok=True)
     features = None
     rows = {name: [] for name in CANDIDATES}

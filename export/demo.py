@@ -120,6 +120,7 @@ def stream_set(seen: set[str], per_kind: int, seed: int) -> list[tuple[Path, str
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge_inspect.runtime.health import port_free
     from edge_inspect.runtime.orchestrator import Runtime
     from edge_inspect.runtime.profile import Profile
     from edge_inspect.runtime.transport.sockets import Receiver, TransportConfig
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         items = stream_set(seen, args.per_kind, args.seed)
         source = {"id": camera, "source": "folder", "images": [str(p) for p, _ in items],
                   "fps": args.fps}
-    port = args.port if port_free(args.port) else 0
+    port = args.port if port_free("127.0.0.1", args.port) else 0
     if port != args.port:
         print(f"port {args.port} is busy; serving /metrics on a free port instead")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -215,19 +216,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 RESULT_WAIT_S = 10.0  # quiet seconds after the camera finished before the demo stops listening
-
-
-def port_free(port: int) -> bool:
-    import socket
-
-    if port == 0:
-        return True
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def summarize(items, got, latency, runtime, threshold, t_first, t_last, camera: str = "textile",

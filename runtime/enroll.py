@@ -26,7 +26,7 @@ import numpy as np
 from edge_inspect.runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file, staged_bundle
 from edge_inspect.runtime.calibration import calibrate_detectors, calibrate_false_alarm_rate, normals_needed
 from edge_inspect.runtime.enrollment import APPENDABLE, build_memory, quarter_turns, reference_images
-from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
+from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,22 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "memory spanning categories, IIPAD: a new part on a running line)")
 
 
-def _frames(paths: list[Path], bundle) -> np.ndarray:
-    plane = bundle.image
-    return np.stack([fit_image(read_rgb(p), (plane.height, plane.width), plane.fit,
-                               plane.interpolation) for p in paths])
-
-
 def _infer(engine, paths: list[Path], outputs: list[str], batch: int,
            turns: int = 1) -> dict[str, np.ndarray]:
     """Outputs for the frames of ``paths`` (and their :func:`quarter_turns`, all turn-0 frames
     first, as the trainer orders them)."""
     # images are read a batch at a time; turned shots (a few images) are read at once
     if turns > 1:
-        turned = quarter_turns(_frames(paths, engine.bundle), turns)
+        turned = quarter_turns(fit_files(paths, engine.bundle.image), turns)
         batches = (turned[s:s + batch] for s in range(0, len(turned), batch))
     else:
-        batches = (_frames(paths[s:s + batch], engine.bundle) for s in range(0, len(paths), batch))
+        batches = (fit_files(paths[s:s + batch], engine.bundle.image) for s in range(0, len(paths), batch))
     parts: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
     for frames in batches:
         out = engine.infer({engine.bundle.image.name: frames}, outputs)

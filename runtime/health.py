@@ -97,3 +97,17 @@ class HealthServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (port 0, any free port, always can)."""
+    import socket
+
+    if port == 0:
+        return True
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

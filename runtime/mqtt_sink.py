@@ -153,8 +153,10 @@ class MqttSink:
 
     def publish(self, result) -> None:
         topic = self.cfg.topic.format(camera=result.camera, model=result.model)
-        body = json.dumps(payload(result) if self.cfg.capture_ref else
-                          {k: v for k, v in payload(result).items() if k != "capture"})
+        fields = payload(result)
+        if not self.cfg.capture_ref:
+            fields.pop("capture", None)
+        body = json.dumps(fields)
         try:
             info = self.client.publish(topic, body, qos=self.cfg.qos, retain=self.cfg.retain)
         except ValueError as exc:  # e.g. a model name with + or # made the topic invalid

@@ -35,7 +35,7 @@ import numpy as np
 from edge_inspect.runtime.bundle import load_bundle
 from edge_inspect.runtime.metrics import calibrated_score
 from edge_inspect.runtime.overlay import render_overlay
-from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_image, read_rgb
+from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, fit_files, fit_image
 
 PLANE_SUFFIXES = (".tiff", ".tif", ".npy")
 OVERLAYS = ("anomalous", "all", "none")
@@ -146,15 +146,13 @@ def predict(engine, inputs: Iterable[str | Path], planes: dict[str, str | Path] 
     images = image_paths(inputs)
     extra = plane_files(bundle, images, planes)
     image_plane = bundle.image
-    size = (image_plane.height, image_plane.width)
     threshold = bundle.threshold
     score_name, map_name = bundle.score_output, bundle.map_output
     bar = tqdm(total=len(images), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     try:
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
-            frames = np.stack([fit_image(read_rgb(p), size, image_plane.fit, image_plane.interpolation)
-                               for p in chunk])
+            frames = fit_files(chunk, image_plane)
             feeds = {image_plane.name: frames}
             for spec in bundle.inputs[1:]:
                 feeds[spec.name] = np.stack([

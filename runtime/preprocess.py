@@ -186,3 +186,10 @@ def read_rgb(path) -> np.ndarray:
     if image is None:
         raise ValueError(f"cannot read image {path}: missing, unreadable or corrupt")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def fit_files(paths, plane) -> np.ndarray:
+    """Image files read and fitted to a bundle's input ``plane``: ``(N, H, W, 3)`` uint8, as
+    the runtime fits camera frames (``enroll``, ``predict``)."""
+    return np.stack([fit_image(read_rgb(p), (plane.height, plane.width), plane.fit, plane.interpolation)
+                     for p in paths])

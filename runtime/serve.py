@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from edge_inspect.runtime.health import port_free
 from edge_inspect.runtime.orchestrator import Runtime
 from edge_inspect.runtime.profile import Profile
 
@@ -41,22 +42,11 @@ def check(cfg: Profile, path: Path) -> int:
     print(f"{path}: valid. bundle {cfg.bundle} (method {bundle.manifest['method']}, planes "
           f"{[p.name for p in bundle.inputs]}, threshold {threshold}); mode {cfg.mode}; cameras "
           + ", ".join(f"{c.id} ({c.source})" for c in cfg.cameras))
-    if cfg.http is not None and cfg.http.port and not _port_free(cfg.http.host, cfg.http.port):
+    if cfg.http is not None and cfg.http.port and not port_free(cfg.http.host, cfg.http.port):
         print(f"edge-inspect serve: {cfg.http.host}:{cfg.http.port} is in use; serve would fail to "
               "open /metrics there (stop the other process or change http.port)", file=sys.stderr)
         return 2
     return 0
-
-
-def _port_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def run(args: argparse.Namespace) -> int:
