@@ -162,3 +162,10 @@ def test_serve_check_validates_without_starting_anything(bundles, tmp_path):
         port = busy.getsockname()[1]
         proc = check({**cfg, "http": {"host": "127.0.0.1", "port": port}})
     assert proc.returncode == 2 and f"127.0.0.1:{port} is in use" in proc.stderr
+
+
+def test_the_cpu_profile_ships_no_camera_flagged_on_every_frame():
+    """Random synthetic frames are not the part: a default profile with such a camera raised an
+    anomaly on every one of its frames (the issue's complaint)."""
+    cfg = yaml.safe_load((REPO / "configs" / "runtime" / "cpu.yaml").read_text())
+    assert [c["source"] for c in cfg["cameras"]] == ["folder"]
