@@ -136,8 +136,12 @@ def plane_files(bundle, images: list[Path], planes: dict[str, str | Path] | None
 
 
 def predict(engine, inputs: Iterable[str | Path], planes: dict[str, str | Path] | None = None,
-            batch: int = 8, progress: bool = False) -> Iterator[Prediction]:
-    """Score image files or folders with ``engine`` (from :func:`open_engine`), in batches."""
+            batch: int = 8, progress: bool = False,
+            skipped: list | None = None) -> Iterator[Prediction]:
+    """Score image files or folders with ``engine`` (from :func:`open_engine`), in batches.
+
+    An image (or plane file) that cannot be read raises ``ValueError``; with a ``skipped``
+    list it is appended there as ``(path, reason)`` instead and the rest are scored."""
     from tqdm import tqdm
 
     bundle = engine.bundle
@@ -151,13 +155,26 @@ def predict(engine, inputs: Iterable[str | Path], planes: dict[str, str | Path] 
     bar = tqdm(total=len(images), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     try:
         for start in range(0, len(images), batch):
-            chunk = images[start:start + batch]
-            frames = fit_files(chunk, image_plane)
-            feeds = {image_plane.name: frames}
-            for spec in bundle.inputs[1:]:
-                feeds[spec.name] = np.stack([
-                    fit_image(read_plane(f, spec.channels), (spec.height, spec.width), spec.fit,
-                              spec.interpolation) for f in extra[spec.name][start:start + batch]])
+            chunk, fitted = [], {spec.name: [] for spec in bundle.inputs}
+            for j in range(start, min(start + batch, len(images))):
+                try:
+                    row = {image_plane.name: fit_files([images[j]], image_plane)[0]}
+                    for spec in bundle.inputs[1:]:
+                        row[spec.name] = fit_image(read_plane(extra[spec.name][j], spec.channels),
+                                                   (spec.height, spec.width), spec.fit, spec.interpolation)
+                except ValueError as exc:
+                    if skipped is None:
+                        raise
+                    skipped.append((images[j], str(exc)))
+                    continue
+                chunk.append(images[j])
+                for name, plane in row.items():
+                    fitted[name].append(plane)
+            bar.update(min(start + batch, len(images)) - start - len(chunk))
+            if not chunk:
+                continue
+            feeds = {name: np.stack(planes_) for name, planes_ in fitted.items()}
+            frames = feeds[image_plane.name]
             for s in bundle.state:  # independent images: every one from the initial state
                 feeds[s.input] = np.stack([s.initial] * len(chunk))
             out = engine.infer(feeds, [score_name, map_name])
@@ -211,11 +228,12 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     overlays = args.out / "overlays"
     n = n_bad = 0
+    skipped: list = []
     t0 = time.perf_counter()
     with (args.out / CSV_NAME).open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "score", "label", "threshold", "calibrated_score"])
-        for p in predict(engine, args.images, planes, args.batch, progress=True):
+        for p in predict(engine, args.images, planes, args.batch, progress=True, skipped=skipped):
             n += 1
             n_bad += bool(p.label)
             label = "" if p.label is None else ("anomalous" if p.label else "normal")
@@ -228,8 +246,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     verdict = (f"{n_bad} anomalous (threshold {bundle.threshold:.4g})" if bundle.threshold is not None
                else "no threshold in this bundle, so no labels (export an enrolled / calibrated checkpoint)")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    unread = f"; {len(skipped)} unreadable, skipped (listed above)" if skipped else ""
     print(f"scored {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} img/s): {verdict}; "
-          f"{args.out / CSV_NAME}")
+          f"{args.out / CSV_NAME}{unread}")
     return 0
 
 

@@ -166,3 +166,18 @@ def test_an_rgbd_bundle_takes_paired_planes(pirn_bundle, tmp_path):
     (tmp_path / "scan" / names[1] / "001.tiff").unlink()
     with pytest.raises(FileNotFoundError, match="no .* plane for 001.png"):
         list(predict(engine, [tmp_path / "scan" / "rgb"], {names[1]: tmp_path / "scan" / names[1]}))
+
+
+def test_an_unreadable_image_is_skipped_and_reported_not_fatal(bundles, textile_images, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(textile_images, folder)
+    (folder / "0-broken.png").write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    proc = _predict_cli(["predict", "--bundle", str(bundles["memory"]), str(folder), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped" in proc.stderr and "0-broken.png" in proc.stderr
+    assert proc.stdout.strip().endswith("; 1 unreadable, skipped (listed above)")
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 12 and not any("broken" in r["path"] for r in rows)
+    with pytest.raises(ValueError, match="cannot read image .*0-broken.png"):  # the API raises
+        list(predict(open_engine(load_bundle(bundles["memory"])), [folder]))
