@@ -25,6 +25,7 @@ import time
 
 from edge_inspect.runtime.source_registry import make_source
 from edge_inspect.runtime.sources import publish
+from edge_inspect.runtime.transport.shm_frames import PayloadFrames, RingFrames
 from edge_inspect.runtime.transport.sockets import Sender, TransportConfig, stop_authenticators
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,15 @@ def die_with_parent(parent_pid: int) -> None:
 
 def camera_process(cam: dict, endpoint: str, mode: str, parent_pid: int | None = None,
                    events: SourceEvents | None = None, max_frame_bytes: int | None = None,
-                   transport: dict | None = None) -> None:
+                   transport: dict | None = None, ring: str | None = None,
+                   planes: tuple[str, ...] | None = None) -> None:
     """Publish frames until the source ends or SIGTERM arrives.
 
     The stop flag is local to the process (set by the SIGTERM handler): a shared
     multiprocessing Event would deadlock its ``set()`` if a sibling was SIGKILLed while
     waiting on it. ``transport``: further :class:`TransportConfig` fields (CURVE keys).
+    ``ring``: the shared-memory ring (made by the runtime) the frames go into, of which
+    only ``planes`` (the ones the bundle reads); None: the pixels travel in the messages.
     """
     if parent_pid is not None:
         die_with_parent(parent_pid)
@@ -100,8 +104,9 @@ def camera_process(cam: dict, endpoint: str, mode: str, parent_pid: int | None =
             logged = True
     source = make_source(cam, stop)
     source.on_event = on_event
+    frames = RingFrames(ring, mode, planes, stop=stop) if ring else PayloadFrames(max_frame_bytes)
     try:
-        sent = publish(source, sender, cam["id"], stop, on_event=on_event, max_frame_bytes=max_frame_bytes)
+        sent = publish(source, sender, cam["id"], stop, on_event=on_event, frames=frames)
         if events is not None and not stop.is_set():  # the pipeline counts the tail it never got
             events.finished_frames.value = sent
     finally:
@@ -110,5 +115,6 @@ def camera_process(cam: dict, endpoint: str, mode: str, parent_pid: int | None =
         sender.close(linger_ms=0 if stop.is_set() else -1)  # -1: until delivered (or SIGKILL)
         stop_authenticators()  # a live tcp camera's ZAP thread holds a socket: term() would hang
         sender.ctx.term()
+        frames.close()
     if getattr(source, "gave_up", False):
         sys.exit(EXIT_GAVE_UP)

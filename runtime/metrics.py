@@ -13,7 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "edge_inspect_"
 STAGES = ("transport", "preprocess", "infer", "postprocess", "publish")
-DROP_REASONS = ("hwm", "stale", "malformed", "unknown_camera")
+# overwritten: a shared-memory frame whose slot the camera rewrote before it was fitted
+CAMERA_DROP_REASONS = ("hwm", "stale", "malformed", "overwritten")
+DROP_REASONS = (*CAMERA_DROP_REASONS, "unknown_camera")
 # The one camera label of frames that name no camera of the profile (or none that decodes):
 # a sender inventing ids must not create series. Profiles may not use it as an id.
 UNATTRIBUTED = "unknown"
@@ -105,7 +107,7 @@ class RuntimeMetrics:
         dashboard shows 0, not "no data", before the first frame or the first drop."""
         for cam in cameras:
             self.camera(cam, model)
-            for reason in DROP_REASONS[:3]:  # hwm, stale, malformed (unknown_camera: unattributed)
+            for reason in CAMERA_DROP_REASONS:  # (unknown_camera: unattributed only)
                 self.frames_dropped.labels(cam, reason)
             self.source_restarts.labels(cam)
             self.captures_skipped.labels(cam)

@@ -36,9 +36,18 @@ from edge_inspect.runtime.profile import Profile
 from edge_inspect.runtime.sinks import CaptureSink, ResultSocketSink
 from edge_inspect.runtime.source_registry import EXTERNAL, check_planes, check_source, is_finite
 from edge_inspect.runtime.supervisor import ENDED, SourceSupervisor
+from edge_inspect.runtime.transport.shm_frames import RingSet
 from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig, stop_authenticators
 
 log = logging.getLogger(__name__)
+
+
+def needed_planes(bundle: Bundle) -> dict[str, int]:
+    """The frame planes ``bundle`` reads (modalities) and the bytes per pixel of each."""
+    planes: dict[str, int] = {}
+    for p in bundle.inputs:
+        planes[p.modality] = max(planes.get(p.modality, 0), p.channels * np.dtype(p.dtype).itemsize)
+    return planes
 
 
 def frame_limit_bytes(bundle: Bundle, max_frame_pixels: int) -> int:
@@ -97,6 +106,8 @@ class Runtime:
         self.stop = threading.Event()
         self.supervisor = SourceSupervisor(self._spawn_source, self.processed, self.metrics.source_restarts)
         self.pipeline: Pipeline | None = None
+        self.planes = needed_planes(self.bundle)  # what the frame rings carry (transport: shm)
+        self.rings: RingSet | None = None
         self.health = None
         self.locks: list[FolderLock] = []
         self.error: BaseException | None = None  # why the pipeline thread ended, if it failed
@@ -121,11 +132,33 @@ class Runtime:
 
     def _spawn_source(self, cam: dict) -> mp.Process:
         endpoint = self.cfg.frames_endpoint(cam["id"])
+        ring = self.rings.name(cam["id"]) if self.rings is not None else None
         proc = self.mp.Process(target=camera_process, name=f"source-{cam['id']}", daemon=True,
                                args=(cam, endpoint, self.cfg.mode, os.getpid(), self.events[cam["id"]],
-                                     self.max_frame_bytes, self._camera_transport(endpoint)))
+                                     self.max_frame_bytes, self._camera_transport(endpoint), ring,
+                                     tuple(self.planes)))
         proc.start()
         return proc
+
+    def _make_rings(self) -> RingSet | None:
+        """``transport: shm``: a ring per camera process, slots sized for the planes the
+        bundle reads at ``frame_pixels``."""
+        t = self.cfg.transport
+        if t.kind != "shm" or not self.processed:
+            return None
+        slot = t.frame_pixels * sum(self.planes.values())
+        return RingSet.create([c["id"] for c in self.processed], t.slots, slot)
+
+    def check_transport(self, bundle: Bundle) -> None:
+        """A reloaded bundle must read the planes the frame rings carry (they are sized and
+        filled at start); a ValueError says what differs."""
+        if self.rings is None:
+            return
+        for plane, nbytes in needed_planes(bundle).items():
+            if plane not in self.planes or nbytes > self.planes[plane]:
+                raise ValueError(f"the shared-memory frame rings carry {self.planes} (plane: bytes per "
+                                 f"pixel), the bundle needs {plane} with {nbytes}: restart serve to "
+                                 "change the planes")
 
     def _frame_receiver(self) -> Receiver:
         endpoints = [self.cfg.frames_endpoint(c.id) for c in self.cfg.cameras]
@@ -172,6 +205,7 @@ class Runtime:
                 self.locks.append(FolderLock(self.cfg.captures.folder, "captures folder"))
             engine = open_engine(self.bundle, self.cfg.backend, **self.cfg.backend_options)
             slot = ModelSlot(self.bundle, engine, self.cfg.model_name)
+            self.rings = self._make_rings()
             frames = sinks = None
             try:
                 frames = self._frame_receiver()
@@ -183,7 +217,7 @@ class Runtime:
                 raise ValueError(f"cannot open the frames or results endpoint ({exc}); a tcp port "
                                  "may be in use or the address wrong: fix `frames` / `results` in "
                                  "the profile") from None
-            self.pipeline = Pipeline(slot, frames, sinks, self.pipeline_cfg, self.metrics)
+            self.pipeline = Pipeline(slot, frames, sinks, self.pipeline_cfg, self.metrics, self.rings)
         except BaseException:
             self._release()
             raise
@@ -334,6 +368,10 @@ class Runtime:
         self._release()
 
     def _release(self) -> None:
+        """Remove the frame rings and free the folder locks."""
+        if self.rings is not None:
+            self.rings.close()
+            self.rings = None
         for lock in self.locks:
             lock.release()
         self.locks.clear()

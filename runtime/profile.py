@@ -17,6 +17,8 @@ Profile YAML::
       - {id: cam1, source: capture, uri: "rtsp://10.0.0.5/stream", stall_s: 5}
       - {id: cam2, source: synthetic, size: [480, 640], fps: 30}
       - {id: cam3, source: external}    # sent by another machine to `frames` (every_part, tcp)
+    transport: {kind: zmq}              # zmq | shm (frames in shared memory; slots: 8,
+                                        #   frame_pixels: 2073600 = 1080p, the largest frame)
     pipeline: {max_batch: 4, max_wait_ms: 5, heatmap_size: [64, 64], camera_timeout_s: 5,
                max_frame_pixels: 16777216}   # larger frame parts are refused (ZeroMQ MAXMSGSIZE)
     captures: {folder: captures, retain: 200}   # retain: per camera
@@ -92,6 +94,32 @@ class PipelineSection:
 
 
 @dataclass
+class TransportSection:
+    """How frames reach the pipeline: ``zmq`` (the pixels in the message) or ``shm`` (each
+    camera process writes into its own ring of ``slots`` in shared memory, each slot holding
+    a frame of up to ``frame_pixels`` with the planes the bundle reads; only a reference
+    crosses ZeroMQ). External cameras always send their pixels."""
+
+    kind: str = "zmq"
+    slots: int = 8
+    frame_pixels: int = 1920 * 1080
+
+    def check(self, where: str, max_frame_pixels: int) -> TransportSection:
+        from edge_inspect.runtime.transport.shm_frames import TRANSPORTS
+
+        if self.kind not in TRANSPORTS:
+            raise ProfileError(f"{where}.kind {self.kind!r} unknown; choose one of {list(TRANSPORTS)}")
+        self.slots = _number(f"{where}.slots", self.slots, int, 2)
+        if self.slots > 64:
+            raise ProfileError(f"{where}.slots must be <= 64, got {self.slots} (each slot holds a frame)")
+        self.frame_pixels = _number(f"{where}.frame_pixels", self.frame_pixels, int, 1)
+        if self.frame_pixels > max_frame_pixels:
+            raise ProfileError(f"{where}.frame_pixels {self.frame_pixels} exceeds pipeline.max_frame_pixels "
+                               f"{max_frame_pixels}; lower it or raise pipeline.max_frame_pixels")
+        return self
+
+
+@dataclass
 class CapturesSection:
     folder: str = "captures"
     retain: int = 200
@@ -140,7 +168,7 @@ class CameraConfig:
 
 
 TOP_KEYS = ("bundle", "backend", "backend_options", "mode", "endpoint_dir", "frames", "results",
-            "cameras", "pipeline", "captures", "http", "model_name", "security", "mqtt")
+            "cameras", "pipeline", "captures", "http", "model_name", "security", "mqtt", "transport")
 
 
 @dataclass
@@ -154,6 +182,7 @@ class Profile:
     frames: str | None = None  # every_part: one endpoint; live: a prefix, one endpoint per camera
     results: str | None = None
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    transport: TransportSection = field(default_factory=TransportSection)
     captures: CapturesSection | None = None
     http: HttpSection = field(default_factory=HttpSection)
     model_name: str | None = None
@@ -202,12 +231,14 @@ class Profile:
             raise ProfileError(f"{source}: cameras {external} are external (sent by another "
                                "machine): they need mode: every_part, where the runtime binds `frames`")
         captures, security, mqtt = raw.get("captures"), raw.get("security"), raw.get("mqtt")
+        pipeline = (_section(PipelineSection, raw.get("pipeline"), f"{source}: pipeline")
+                    .check(f"{source}: pipeline"))
         return cls(bundle=raw["bundle"], cameras=cameras, backend=raw.get("backend", "ort"),
                    backend_options=dict(raw.get("backend_options") or {}), mode=raw.get("mode", "live"),
                    endpoint_dir=raw.get("endpoint_dir", "/tmp/edge-inspect"), frames=raw.get("frames"),
-                   results=raw.get("results"),
-                   pipeline=_section(PipelineSection, raw.get("pipeline"), f"{source}: pipeline")
-                   .check(f"{source}: pipeline"),
+                   results=raw.get("results"), pipeline=pipeline,
+                   transport=_section(TransportSection, raw.get("transport"), f"{source}: transport")
+                   .check(f"{source}: transport", pipeline.max_frame_pixels),
                    captures=(_section(CapturesSection, captures, f"{source}: captures")
                              .check(f"{source}: captures") if captures is not None else None),
                    http=_section(HttpSection, raw.get("http"), f"{source}: http").check(f"{source}: http"),

@@ -54,6 +54,7 @@ class Reloader:
                 needed = list(dict.fromkeys(p.modality for p in bundle.inputs))
                 for cam in rt.cameras:
                     check_planes(cam, needed, str(path))
+                rt.check_transport(bundle)
                 from edge_inspect.runtime.engines import open_engine
 
                 engine = open_engine(bundle, rt.cfg.backend, **rt.cfg.backend_options)

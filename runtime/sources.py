@@ -26,7 +26,6 @@ from edge_inspect.runtime.preprocess import IMAGE_SUFFIXES, read_rgb, read_xyz
 from edge_inspect.runtime.synthetic_rgbd import KINDS as RGBD_KINDS
 from edge_inspect.runtime.synthetic_rgbd import render as render_rgbd
 from edge_inspect.runtime.transport.sockets import Sender
-from edge_inspect.runtime.transport.wire import encode_frame
 
 log = logging.getLogger(__name__)
 Frame = tuple[dict[str, np.ndarray], int]  # planes by name, capture time (ns)
@@ -286,34 +285,41 @@ def rgbd_frame_kind(i: int) -> str:
 
 
 def publish(source, sender: Sender, camera: str, stop: threading.Event | None = None,
-            on_event=None, max_frame_bytes: int | None = None) -> int:
+            on_event=None, max_frame_bytes: int | None = None, frames=None) -> int:
     """Send every frame of ``source`` as ``frame.<camera>`` with a per-camera ``seq``.
 
-    every_part: a send that times out (the pipeline stalled) is retried until it goes
-    through or ``stop`` is set -- a camera waits, it never exits because the consumer is
-    slow; each timeout is counted as ``send_blocked``. A frame with a plane larger than
-    ``max_frame_bytes`` (the receiver's ``MAXMSGSIZE``, which would silently disconnect
-    the camera) is not sent: counted as ``oversized_frame`` and logged once.
+    ``frames`` makes each message (:mod:`edge_inspect.runtime.transport.shm_frames`): the
+    pixels in the message (default) or in the camera's shared-memory ring. every_part: a
+    send that times out (the pipeline stalled) or a ring with no free slot is retried until
+    it goes through or ``stop`` is set -- a camera waits, it never exits because the
+    consumer is slow; each timeout is counted as ``send_blocked``. A frame too large for the
+    pipeline's ``max_frame_bytes`` (the receiver's ``MAXMSGSIZE``, which would silently
+    disconnect the camera) or for a ring slot is not sent: counted as ``oversized_frame``
+    and logged once.
     """
+    from edge_inspect.runtime.transport.shm_frames import PayloadFrames
+
     stop = stop or threading.Event()
     count = on_event or (lambda _event: None)
+    frames = frames or PayloadFrames(max_frame_bytes)
     seq, blocked_since, warned_size = 0, None, False
     for planes, t_ns in source:
         if stop.is_set():
             break
-        if max_frame_bytes and max(p.nbytes for p in planes.values()) > max_frame_bytes:
+        problem = frames.too_large(planes)
+        if problem:
             count("oversized_frame")
             if not warned_size:
                 shapes = {name: p.shape for name, p in planes.items()}
-                log.error("camera %s: frame %s exceeds the pipeline's limit of %d bytes per plane; "
-                          "raise pipeline.max_frame_pixels in the profile or lower the camera's "
-                          "resolution (frames are counted as oversized_frame)", camera, shapes,
-                          max_frame_bytes)
+                log.error("camera %s: frame %s %s (frames are counted as oversized_frame)", camera,
+                          shapes, problem)
                 warned_size = True
             continue
-        parts = encode_frame(camera, seq, t_ns, planes, getattr(source, "current_name", None))
+        parts = None  # once written into a ring slot, the same message is sent on every retry
         while True:
             try:
+                if parts is None:
+                    parts = frames.parts(camera, seq, t_ns, planes, getattr(source, "current_name", None))
                 sender.send(parts)
                 break
             except TimeoutError:

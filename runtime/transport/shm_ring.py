@@ -11,6 +11,13 @@ come round meanwhile the frame is discarded and counted as ``overwritten``, neve
 torn. References that do not fit the ring (another ring, a slot out of range, a generation
 that is odd or not the slot's, planes larger than a slot) are refused with a reason.
 
+Flow control (``every_part``): beside its generation each slot has a ``consumed`` counter
+the reader sets to the generation it has finished with (:meth:`FrameRing.release`); the
+writer does not reuse a slot it wrote until the reader has released that frame
+(:meth:`FrameRing.wait_free`), so nothing is overwritten unread. A writer restarted after a
+crash owes nothing to its predecessor's slots (frames of the dead process still in flight
+may then be caught as ``overwritten``). ``live`` writers never wait.
+
 Ownership: the runtime creates each camera's ring (named ``edge-inspect-<pid>-<camera>``)
 and unlinks it when it stops; a camera process only attaches. Python's resource tracker
 would unlink a segment when an attaching process's tracker ends (CPython issue 82300), so
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import time
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -32,7 +41,7 @@ import numpy as np
 
 PREFIX = "edge-inspect-"
 GEN_STRIDE = 8  # int64 entries between two slots' generation counters (64 bytes)
-NAME = re.compile(rf"{re.escape(PREFIX)}(\d+)-[A-Za-z0-9_-]{{1,64}}")
+NAME = re.compile(rf"{re.escape(PREFIX)}(\d{{1,10}})-[A-Za-z0-9_-]{{1,64}}")
 SHM_DIR = Path("/dev/shm")
 
 
@@ -70,8 +79,9 @@ class FrameRing:
         if create:
             if slots < 2 or slot_bytes < 1:
                 raise ValueError(f"a ring needs >= 2 slots of >= 1 byte, got {slots} x {slot_bytes}")
-            self.shm = shared_memory.SharedMemory(name=name, create=True,
-                                                  size=line * (slots + 1) + slots * slot_bytes)
+            size = line * (slots + 1) + slots * slot_bytes
+            self.shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+            _reserve(self.shm, size)
             np.ndarray((2,), np.int64, self.shm.buf)[:] = [slots, slot_bytes]
         else:
             self.shm = attach_untracked(name)
@@ -79,8 +89,10 @@ class FrameRing:
         meta = np.ndarray((2,), np.int64, self.shm.buf)
         self.slots, self.slot_bytes = int(meta[0]), int(meta[1])
         self.data_offset = line * (self.slots + 1)
-        self.generations = np.ndarray((self.slots, GEN_STRIDE), np.int64, self.shm.buf, offset=line)[:, 0]
+        table = np.ndarray((self.slots, GEN_STRIDE), np.int64, self.shm.buf, offset=line)
+        self.generations, self.consumed = table[:, 0], table[:, 1]
         self.next_slot = 0
+        self.written = [0] * self.slots  # writer side: the generation this process last wrote per slot
 
     # -- writer (a camera process) ----------------------------------------------------------------
     def write(self, planes: dict[str, np.ndarray], slot: int | None = None) -> SlotRef:
@@ -102,7 +114,25 @@ class FrameRing:
             offset += plane.nbytes
         done = int(self.generations[i]) + 1  # even: complete
         self.generations[i] = done
+        self.written[i] = done
         return SlotRef(self.name, i, done, tuple(described))
+
+    def slot_free(self, slot: int | None = None) -> bool:
+        """The reader has released what this writer last put in ``slot`` (default: the next)."""
+        i = self.next_slot if slot is None else slot
+        return self.written[i] == 0 or int(self.consumed[i]) >= self.written[i]
+
+    def wait_free(self, timeout_s: float, stop=None) -> bool:
+        """Wait until the next slot is free (every_part); False after ``timeout_s`` or once
+        ``stop`` (an Event) is set. Polls with a back-off of 50 us to 1 ms: a full ring means
+        the consumer is behind, so the wait is long next to the poll."""
+        deadline, pause = time.monotonic() + timeout_s, 50e-6
+        while not self.slot_free():
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        return True
 
     # -- reader (the pipeline) --------------------------------------------------------------------
     def view(self, ref: SlotRef) -> dict[str, np.ndarray]:
@@ -133,9 +163,16 @@ class FrameRing:
         """After using :meth:`view`'s arrays: False when the writer came round meanwhile."""
         return int(self.generations[ref.slot]) == ref.generation
 
+    def release(self, ref: SlotRef) -> None:
+        """The reader is done with ``ref``'s frame: its slot may be written again. Only the
+        frame the slot holds now is released (a stale or forged reference frees nothing)."""
+        if ref.ring == self.name and 0 <= ref.slot < self.slots \
+                and int(self.generations[ref.slot]) == ref.generation:
+            self.consumed[ref.slot] = ref.generation
+
     def close(self) -> None:
         """Detach (the owner also removes the segment)."""
-        self.generations = None
+        self.generations = self.consumed = None
         try:
             self.shm.close()
         except BufferError:  # a view is still alive somewhere: the mapping goes with the process
@@ -145,6 +182,27 @@ class FrameRing:
                 self.shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
+    """Back the whole segment with memory now: a tmpfs that fills up later (a small Docker
+    ``/dev/shm``) would otherwise kill the writer with SIGBUS mid-frame."""
+    path = SHM_DIR / shm.name.lstrip("/")
+    if not hasattr(os, "posix_fallocate") or not path.exists():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        shm.close()
+        shm.unlink()
+        free = shutil.disk_usage(SHM_DIR).free
+        raise OSError(f"cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} for frame ring {shm.name} "
+                      f"({exc.strerror}; {free / 2**20:.0f} MiB free): lower transport.slots or "
+                      "transport.frame_pixels in the profile, or give the machine more shared memory "
+                      "(docker run --shm-size)") from None
+    finally:
+        os.close(fd)
 
 
 def attach_untracked(name: str) -> shared_memory.SharedMemory:

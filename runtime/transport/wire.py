@@ -6,7 +6,9 @@
   processes on one host), ``parts`` (one ``{plane, shape, dtype, layout}`` per payload part:
   a frame carries one part per plane, ``rgb``, ``depth``, ``xyz`` ...) and any extra
   fields (results carry ``score``, ``label``, ``threshold``, ...).
-* ``payload``: raw C-order buffers, sent with ``copy=False``.
+* ``payload``: raw C-order buffers, sent with ``copy=False``; or, with the shared-memory
+  transport, none: the header's ``shm`` (``{ring, slot, generation}``) says where the planes
+  listed in ``parts`` lie (:mod:`.shm_ring`; the receiver reads them in place).
 
 :func:`decode` checks everything and raises :class:`MalformedMessage` with a short
 ``reason`` for anything outside the format: integers are bounded (``seq`` and
@@ -26,6 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from edge_inspect.runtime.transport.shm_ring import NAME as RING_NAME
+from edge_inspect.runtime.transport.shm_ring import SlotRef
 
 WIRE_VERSION = 1
 KINDS = ("frame", "result")
@@ -59,11 +64,19 @@ class Message:
     header: dict
     arrays: list[np.ndarray] = field(default_factory=list)
     plane_names: list[str] = field(default_factory=list)
+    ref: SlotRef | None = None  # shared-memory frame: where the planes lie (arrays empty until read)
 
     @property
     def planes(self) -> dict[str, np.ndarray]:
         """Payload arrays by plane name (a frame: ``{"rgb": ..., "depth": ...}``)."""
         return dict(zip(self.plane_names, self.arrays, strict=True))
+
+    @property
+    def plane_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype by plane name, for payload and shared-memory frames alike."""
+        if self.ref is not None:
+            return {name: (shape, np.dtype(dtype)) for name, shape, dtype in self.ref.planes}
+        return {name: (a.shape, a.dtype) for name, a in zip(self.plane_names, self.arrays, strict=True)}
 
 
 def topic(kind: str, camera: str) -> bytes:
@@ -76,6 +89,18 @@ def encode_frame(camera: str, seq: int, t_capture_ns: int, planes: Mapping[str, 
     file's name, carried into results and captures)."""
     extra = {"source": source} if source else {}
     return encode("frame", camera, seq, t_capture_ns, list(planes.values()), planes=list(planes), **extra)
+
+
+def encode_frame_ref(camera: str, seq: int, t_capture_ns: int, ref: SlotRef,
+                     source: str | None = None) -> list:
+    """A frame message that carries no pixels: where they lie in a shared-memory ring."""
+    extra = {"source": source} if source else {}
+    parts = encode("frame", camera, seq, t_capture_ns, (), planes=[], **extra)
+    header = json.loads(parts[1])
+    header["parts"] = [{"plane": name, "shape": list(shape), "dtype": dtype, "layout": "HWC"}
+                       for name, shape, dtype in ref.planes]
+    header["shm"] = {"ring": ref.ring, "slot": ref.slot, "generation": ref.generation}
+    return [parts[0], json.dumps(header, separators=(",", ":")).encode()]
 
 
 def encode(kind: str, camera: str, seq: int, t_capture_ns: int, arrays: list[np.ndarray] = (),
@@ -127,11 +152,15 @@ def decode(parts: list) -> Message:
         raise MalformedMessage("camera does not match topic")
     if not (_is_int(seq, MAX_INT) and _is_int(t_ns, MAX_INT)):
         raise MalformedMessage("bad seq or timestamp")
-    specs = header.get("parts")
-    if not isinstance(specs, list) or len(specs) != len(raw) - 2:
+    specs, shm = header.get("parts"), header.get("shm")
+    payloads = raw[2:]
+    if shm is not None and (kind != "frame" or payloads):
+        raise MalformedMessage("shared-memory reference with a payload or on a result")
+    if not isinstance(specs, list) or (shm is None and len(specs) != len(payloads)) \
+            or (shm is not None and not 0 < len(specs) <= MAX_PARTS):
         raise MalformedMessage("payload count does not match header")
-    arrays, names = [], []
-    for i, (spec, buf) in enumerate(zip(specs, raw[2:], strict=True)):
+    arrays, names, described = [], [], []
+    for i, spec in enumerate(specs):
         if not isinstance(spec, dict):
             raise MalformedMessage("bad part spec")
         shape, name = spec.get("shape"), spec.get("plane", _default_plane(kind, i))
@@ -144,10 +173,25 @@ def decode(parts: list) -> Message:
         if spec.get("dtype") not in DTYPES:
             raise MalformedMessage("unknown dtype")
         dtype = np.dtype(spec["dtype"])
-        if math.prod(shape) * dtype.itemsize != len(buf):
+        if shm is not None:
+            described.append((name, tuple(shape), dtype.name))
+            continue
+        if math.prod(shape) * dtype.itemsize != len(payloads[i]):
             raise MalformedMessage("payload size does not match shape")
-        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
-    return Message(kind, camera, seq, t_ns, header, arrays, names)
+        arrays.append(np.frombuffer(payloads[i], dtype=dtype).reshape(shape))
+    ref = _slot_ref(shm, described) if shm is not None else None
+    return Message(kind, camera, seq, t_ns, header, arrays, names, ref)
+
+
+def _slot_ref(shm, planes: list) -> SlotRef:
+    """The header's ``shm`` object checked for form (whether it fits a ring is the ring's call)."""
+    if not isinstance(shm, dict) or set(shm) != {"ring", "slot", "generation"}:
+        raise MalformedMessage("bad shared-memory reference")
+    ring, slot, generation = shm["ring"], shm["slot"], shm["generation"]
+    if not isinstance(ring, str) or not RING_NAME.fullmatch(ring) or not _is_int(slot, MAX_DIM) \
+            or not _is_int(generation):
+        raise MalformedMessage("bad shared-memory reference")
+    return SlotRef(ring, slot, generation, tuple(planes))
 
 
 def _is_int(value, maximum: int = MAX_INT) -> bool:

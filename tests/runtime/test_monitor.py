@@ -127,7 +127,7 @@ def test_the_page_in_a_real_browser_shows_two_cameras_live(bundles, tmp_path):
         facts = browser.evaluate("document.querySelector('#tile-line1 .facts').textContent")
         assert re.search(r"score [\d.]+ / threshold [\d.]+ \| [\d.]+ fps \| latency \d+ ms", facts), facts
         # hwm/stale drops are legitimate when chromium and serve share two busy cores; nothing is malformed
-        assert re.search(r"drops: hwm \d+, stale \d+, malformed 0 \|", facts), facts
+        assert re.search(r"drops: hwm \d+, stale \d+, malformed 0, overwritten 0 \|", facts), facts
         deadline = time.monotonic() + 20  # the frames themselves reached the page (a preview lease)
         while browser.evaluate("document.querySelector('#tile-line1 img').naturalWidth") in (None, 0):
             assert time.monotonic() < deadline, "no frame image loaded"
