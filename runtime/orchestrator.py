@@ -140,14 +140,24 @@ class Runtime:
         proc.start()
         return proc
 
+    @property
+    def slot_bytes(self) -> int:
+        """``transport: shm``: a slot holds a frame of ``frame_pixels`` with the bundle's planes."""
+        return self.cfg.transport.frame_pixels * sum(self.planes.values())
+
+    @property
+    def ring_bytes(self) -> int:
+        """Shared memory the frame rings take (0 without ``transport: shm``)."""
+        if self.cfg.transport.kind != "shm":
+            return 0
+        return len(self.processed) * self.cfg.transport.slots * self.slot_bytes
+
     def _make_rings(self) -> RingSet | None:
-        """``transport: shm``: a ring per camera process, slots sized for the planes the
-        bundle reads at ``frame_pixels``."""
+        """``transport: shm``: a ring per camera process (reserved in full at start)."""
         t = self.cfg.transport
         if t.kind != "shm" or not self.processed:
             return None
-        slot = t.frame_pixels * sum(self.planes.values())
-        return RingSet.create([c["id"] for c in self.processed], t.slots, slot)
+        return RingSet.create([c["id"] for c in self.processed], t.slots, self.slot_bytes)
 
     def check_transport(self, bundle: Bundle) -> None:
         """A reloaded bundle must read the planes the frame rings carry (they are sized and

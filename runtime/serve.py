@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from edge_inspect.runtime.health import port_free
 from edge_inspect.runtime.orchestrator import Runtime
 from edge_inspect.runtime.profile import Profile
+from edge_inspect.runtime.transport.shm_ring import SHM_DIR
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,29 @@ def check(cfg: Profile, path: Path) -> int:
     print(f"{path}: valid. bundle {cfg.bundle} (method {bundle.manifest['method']}, planes "
           f"{[p.name for p in bundle.inputs]}, threshold {threshold}); mode {cfg.mode}; cameras "
           + ", ".join(f"{c.id} ({c.source})" for c in cfg.cameras))
+    if runtime.ring_bytes:
+        free = shm_free_bytes()
+        print(f"transport shm: {len(runtime.processed)} ring(s) of {cfg.transport.slots} slots x "
+              f"{runtime.slot_bytes / 2**20:.1f} MiB = {runtime.ring_bytes / 2**20:.0f} MiB of shared memory"
+              + (f" ({free / 2**20:.0f} MiB free)" if free is not None else ""))
+        if free is not None and free < runtime.ring_bytes:
+            print(f"edge-inspect serve: the frame rings need {runtime.ring_bytes / 2**20:.0f} MiB but "
+                  f"{SHM_DIR} has {free / 2**20:.0f} MiB free; lower transport.slots or "
+                  "transport.frame_pixels, or give the machine more (docker run --shm-size)", file=sys.stderr)
+            return 2
     if cfg.http is not None and cfg.http.port and not port_free(cfg.http.host, cfg.http.port):
         print(f"edge-inspect serve: {cfg.http.host}:{cfg.http.port} is in use; serve would fail to "
               "open /metrics there (stop the other process or change http.port)", file=sys.stderr)
         return 2
     return 0
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm (None where there is none: not Linux)."""
+    try:
+        return shutil.disk_usage(SHM_DIR).free
+    except OSError:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

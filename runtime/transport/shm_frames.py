@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from edge_inspect.runtime.transport.shm_ring import FrameRing, StaleReference, ring_name, sweep_stale
+from edge_inspect.runtime.transport.shm_ring import SHM_DIR, FrameRing, StaleReference, ring_name, sweep_stale
 from edge_inspect.runtime.transport.wire import Message, encode_frame, encode_frame_ref
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,10 @@ class RingSet:
         rings: dict[str, FrameRing] = {}
         try:
             for cam in cameras:
-                rings[cam] = FrameRing(ring_name(cam), slots, slot_size, create=True)
+                name = ring_name(cam)
+                if SHM_DIR.is_dir():  # left by a dead runtime that had this pid (no one else can)
+                    (SHM_DIR / name).unlink(missing_ok=True)
+                rings[cam] = FrameRing(name, slots, slot_size, create=True)
         except BaseException:
             for ring in rings.values():
                 ring.close()

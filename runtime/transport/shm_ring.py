@@ -197,7 +197,7 @@ def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
         shm.close()
         shm.unlink()
         free = shutil.disk_usage(SHM_DIR).free
-        raise OSError(f"cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} for frame ring {shm.name} "
+        raise ValueError(f"cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} for frame ring {shm.name} "
                       f"({exc.strerror}; {free / 2**20:.0f} MiB free): lower transport.slots or "
                       "transport.frame_pixels in the profile, or give the machine more shared memory "
                       "(docker run --shm-size)") from None

@@ -32,6 +32,8 @@ def _serve(tmp_path, bundles, capsys, **profile):
     ({"backend_options": {"providers": ["cuda"]}}, "ONNX Runtime here lacks ['cuda']"),
     ({"backend_options": {"provider": "cpu"}}, "backend 'ort' has no options ['provider']; its options"),
     ({"backend_options": {"threads": "x"}}, "threads must be a whole number >= 0"),
+    ({"backend_options": {"spin": "yes"}}, "spin must be true or false, got 'yes'"),
+    ({"transport": {"kind": "iceoryx"}}, "transport.kind 'iceoryx' unknown; choose one of ['zmq', 'shm']"),
 ])
 def test_backend_mistakes_are_one_line(tmp_path, bundles, capsys, profile, message):
     rc, err = _serve(tmp_path, bundles, capsys, **profile)

@@ -409,3 +409,44 @@ def test_sigterm_and_a_runtime_killed_outright_leave_no_ring(bundles, tmp_path):
     finally:
         assert second.stop() == 0
     assert _rings_in_shm(second.pid) == []
+
+
+def test_onnx_runtime_threads_do_not_spin_between_frames_unless_asked(bundles):
+    """Spinning threads would burn the CPU camera processes need between frames (scale_bench)."""
+    bundle = load_bundle(bundles["memory"])
+    entry = "session.intra_op.allow_spinning"
+    assert open_engine(bundle).session.get_session_options().get_session_config_entry(entry) == "0"
+    spinning = open_engine(bundle, spin=True).session.get_session_options()
+    assert spinning.get_session_config_entry(entry) == "1"
+
+
+def test_serve_check_says_what_the_rings_take_and_refuses_a_small_dev_shm(bundles, tmp_path, capsys,
+                                                                          monkeypatch):
+    import yaml
+
+    from edge_inspect.runtime import serve as serve_module
+    from edge_inspect.runtime.cli import main
+
+    path = tmp_path / "p.yaml"
+    cams = [{"id": f"cam{i}", "source": "synthetic", "size": [1080, 1920], "fps": 30} for i in range(2)]
+    path.write_text(yaml.safe_dump(_profile(bundles["memory"], tmp_path, "live", cams)))
+    assert main(["serve", "--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "transport shm: 2 ring(s) of 4 slots x 5.9 MiB = 47 MiB of shared memory" in out, out
+    monkeypatch.setattr(serve_module, "shm_free_bytes", lambda: 40 * 2**20)  # Docker's 64 MiB, part used
+    assert main(["serve", "--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "need 47 MiB" in err and "--shm-size" in err, err
+
+
+def test_a_ring_that_does_not_fit_in_shared_memory_is_one_clear_error(monkeypatch):
+    """Reserved in full at start: a full /dev/shm is refused then, never a SIGBUS mid-frame."""
+    import errno
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(ValueError, match=r"cannot reserve 1 MiB in /dev/shm .*No space left.*--shm-size"):
+        RingSet.create(["cam0"], 2, 2**19)
+    assert not (SHM_DIR / f"edge-inspect-{os.getpid()}-cam0").exists()  # nothing left behind
