@@ -6,11 +6,11 @@ For 1080p and 4K RGB frames, in one run:
   buffer: the ceiling, memory bandwidth;
 * ``zmq ipc``: a sender process PUSHes each frame (``copy=False``) over ``ipc://``; the
   receiver here takes the message (the bytes have arrived in its memory);
-* ``shm ring``: a writer process copies each frame into the next slot of an 8-slot
-  :class:`~edge_inspect.runtime.transport.shm_ring.FrameRing` and PUSHes the reference; the
-  reader here views the frame in place, reads one byte of it, checks the generation and
-  hands the slot back (credit-based flow control: the writer waits for a free slot, as
-  every_part does).
+* ``shm ring``: the runtime's ``transport: shm`` code in every_part: a writer process
+  (:class:`~edge_inspect.runtime.transport.shm_frames.RingFrames`) waits for a free slot of an
+  8-slot ring, copies the frame in and PUSHes the reference message; the reader here
+  (:class:`~edge_inspect.runtime.transport.shm_frames.RingSet`) decodes it, views the frame in
+  place, reads one byte of it, checks the generation and hands the slot back.
 
 GB/s = frame bytes received per second of the run; one-way latency = monotonic time at the
 receiver minus the sender's stamp just before its send (or its write into the slot). Each
@@ -59,28 +59,22 @@ def zmq_sender(endpoint: str, shape, n: int) -> None:
     ctx.term()
 
 
-def shm_writer(ring_name: str, refs: str, credits: str, shape, n: int) -> None:
-    from edge_inspect.runtime.transport.shm_ring import FrameRing
+def shm_writer(ring_name: str, refs: str, shape, n: int) -> None:
+    """The camera side of ``transport: shm`` in every_part: wait for a free slot, write, send
+    the reference (the runtime's :class:`RingFrames`)."""
+    from edge_inspect.runtime.transport.shm_frames import RingFrames
 
     frames = _sources(shape)
-    ring = FrameRing(ring_name)
+    writer = RingFrames(ring_name, "every_part", wait_s=30)
     ctx = zmq.Context()
-    out, back = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    out = ctx.socket(zmq.PUSH)
     out.connect(refs)
-    back.connect(credits)
-    free = ring.slots - 1  # one slot of slack: never the one the reader may still hold
     for i in range(n):
-        while free == 0:
-            back.recv()
-            free += 1
-        t = time.monotonic_ns()
-        ref = ring.write({"rgb": frames[i % SOURCES]})
-        free -= 1
-        out.send(json.dumps({"t": t, **ref.as_header()}).encode())
+        parts = writer.parts("bench", i, time.monotonic_ns(), {"rgb": frames[i % SOURCES]}, None)
+        out.send_multipart(parts)
     out.close(linger=-1)
-    back.close(linger=0)
     ctx.term()
-    ring.close()
+    writer.close()
 
 
 def bench_copy(shape, n: int) -> dict:
@@ -117,38 +111,39 @@ def bench_zmq(shape, n: int, tmp: Path) -> dict:
 
 
 def bench_shm(shape, n: int, tmp: Path) -> dict:
-    from edge_inspect.runtime.transport.shm_ring import FrameRing, SlotRef, ring_name
+    """The pipeline side: decode the reference, view the frame in place, read one byte, check
+    the generation and hand the slot back (:class:`RingSet`, as the pipeline does)."""
+    from edge_inspect.runtime.transport.shm_frames import RingSet
+    from edge_inspect.runtime.transport.wire import decode
 
-    ring = FrameRing(ring_name(f"bench{shape[0]}"), slots=8, slot_bytes=int(np.prod(shape)), create=True)
+    rings = RingSet.create(["bench"], 8, int(np.prod(shape)))
     ctx = zmq.Context()
-    refs, credits = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    refs = ctx.socket(zmq.PULL)
     refs.bind(f"ipc://{tmp}/refs")
-    credits.bind(f"ipc://{tmp}/credits")
     proc = mp.get_context("spawn").Process(
-        target=shm_writer, args=(ring.name, f"ipc://{tmp}/refs", f"ipc://{tmp}/credits", shape, n))
+        target=shm_writer, args=(rings.name("bench"), f"ipc://{tmp}/refs", shape, n))
     proc.start()
     lat, nbytes, t0, overwritten = [], 0, None, 0
     try:
         for _ in range(n):
-            h = json.loads(refs.recv())
-            ref = SlotRef(h["ring"], h["slot"], h["generation"],
-                          tuple((p[0], tuple(p[1]), p[2]) for p in h["planes"]))
-            frame = ring.view(ref)["rgb"]
+            if not refs.poll(30_000):  # a writer that died is an error, not a run that hangs
+                raise RuntimeError(f"no frame reference for 30 s; writer exit code {proc.exitcode}")
+            msg = decode(refs.recv_multipart())
+            rings.read(msg)
+            frame = msg.arrays[0]
             _ = int(frame[-1, -1, -1])  # the frame is there, in place
-            overwritten += not ring.still_valid(ref)
+            overwritten += not rings.finish(msg)
             now = time.monotonic_ns()
             t0 = t0 or time.perf_counter()
-            lat.append(now - h["t"])
+            lat.append(now - msg.t_capture_ns)
             nbytes += frame.nbytes
-            del frame
-            credits.send(b"")
+            del frame, msg
         elapsed = time.perf_counter() - t0
     finally:
         proc.join(30)
         refs.close(linger=0)
-        credits.close(linger=0)
         ctx.term()
-        ring.close()
+        rings.close()
     out = _stats(nbytes, elapsed, lat[1:])
     out["overwritten"] = overwritten
     return out
