@@ -114,9 +114,10 @@ def bench_shm(shape, n: int, tmp: Path) -> dict:
     """The pipeline side: decode the reference, view the frame in place, read one byte, check
     the generation and hand the slot back (:class:`RingSet`, as the pipeline does)."""
     from edge_inspect.runtime.transport.shm_frames import RingSet
+    from edge_inspect.runtime.transport.shm_ring import aligned
     from edge_inspect.runtime.transport.wire import decode
 
-    rings = RingSet.create(["bench"], 8, int(np.prod(shape)))
+    rings = RingSet.create(["bench"], 8, aligned(int(np.prod(shape))))
     ctx = zmq.Context()
     refs = ctx.socket(zmq.PULL)
     refs.bind(f"ipc://{tmp}/refs")

@@ -37,6 +37,7 @@ from edge_inspect.runtime.sinks import CaptureSink, ResultSocketSink
 from edge_inspect.runtime.source_registry import EXTERNAL, check_planes, check_source, is_finite
 from edge_inspect.runtime.supervisor import ENDED, SourceSupervisor
 from edge_inspect.runtime.transport.shm_frames import RingSet
+from edge_inspect.runtime.transport.shm_ring import aligned
 from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig, stop_authenticators
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ class Runtime:
 
     @property
     def slot_bytes(self) -> int:
-        """``transport: shm``: a slot holds a frame of ``frame_pixels`` with the bundle's planes."""
-        return self.cfg.transport.frame_pixels * sum(self.planes.values())
+        """``transport: shm``: a slot holds a frame of ``frame_pixels`` with the bundle's planes
+        (each plane starting on a cache line)."""
+        return sum(aligned(self.cfg.transport.frame_pixels * bpp) for bpp in self.planes.values())
 
     @property
     def ring_bytes(self) -> int:
@@ -231,7 +233,12 @@ class Runtime:
         except BaseException:
             self._release()
             raise
-        self.pipeline.warmup()
+        try:
+            self.pipeline.warmup()
+        except BaseException:  # an engine that fails its first call: nothing may stay behind
+            self.pipeline.close()
+            self._release()
+            raise
         from edge_inspect.runtime.reload import Reloader
 
         self.reloader = Reloader(self)

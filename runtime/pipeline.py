@@ -274,8 +274,12 @@ class Pipeline:
                 self._warned_unfit.add(msg.camera)
             self.rings.release(msg)
             return self._unscored(msg, restart, "malformed")
-        if msg.ref is not None and not self.rings.finish(msg):  # rewritten while being fitted
-            return self._unscored(msg, restart, "overwritten")
+        if msg.ref is not None:
+            fitted = owned_copies(fitted, msg.arrays)
+            # every_part keeps the slot until the frame is in the engine (a reload may fit
+            # it again); live hands it back now (its camera never waits for it)
+            if not self.rings.finish(msg, release=self.cfg.mode == "live"):  # rewritten meanwhile
+                return self._unscored(msg, restart, "overwritten")
         return Prepared(msg, t_recv, fitted, time.perf_counter() - t0, restart, bundle)
 
     def _unscored(self, msg: Message, restart: bool, reason: str) -> None:
@@ -311,6 +315,8 @@ class Pipeline:
         if len(batch) == 1:
             return {name: plane[None] for name, plane in batch[0].planes.items()}
         feeds = {}
+        for name in set(self._batch_buffers) - {p.name for p in bundle.inputs}:
+            del self._batch_buffers[name]  # an input a reloaded bundle no longer has
         for p in bundle.inputs:
             first = batch[0].planes[p.name]
             buf = self._batch_buffers.get(p.name)
@@ -334,7 +340,11 @@ class Pipeline:
         t0 = time.perf_counter()
         model = self.slot.current  # once per batch: a swap takes effect between batches
         bundle = model.bundle
-        batch[:] = [item for item in batch if self._refit(item, bundle)]  # prepared before a reload
+        kept = [item for item in batch if self._refit(item, bundle)]  # prepared before a reload
+        if self.cfg.mode == "every_part":
+            for item in batch:  # fitted for this bundle now: the camera may reuse the slots
+                self.rings.release(item.msg)
+        batch[:] = kept
         if not batch:
             return model, {bundle.score_output: np.zeros(0), bundle.map_output: np.zeros((0, 1, 1))}, 0.0
         feeds = self._batch_feeds(batch, bundle)
@@ -524,6 +534,13 @@ def fit_planes(planes: dict[str, np.ndarray], bundle) -> dict[str, np.ndarray]:
     return {p.name: np.ascontiguousarray(fit_image(planes[p.modality], (p.height, p.width), p.fit,
                                                    p.interpolation))
             for p in bundle.inputs}
+
+
+def owned_copies(fitted: dict[str, np.ndarray], sources: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """``fitted`` with every plane that is still a view of ``sources`` (shared memory the
+    camera will rewrite: a frame already at the input size, a crop of whole rows) copied."""
+    return {name: plane.copy() if any(np.may_share_memory(plane, src) for src in sources) else plane
+            for name, plane in fitted.items()}
 
 
 PREVIEW_SIDE = 320  # pixels, the longer side of a monitor's preview

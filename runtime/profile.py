@@ -113,7 +113,7 @@ class TransportSection:
         if self.slots > 64:
             raise ProfileError(f"{where}.slots must be <= 64, got {self.slots} (each slot holds a frame)")
         self.frame_pixels = _number(f"{where}.frame_pixels", self.frame_pixels, int, 1)
-        if self.frame_pixels > max_frame_pixels:
+        if self.kind == "shm" and self.frame_pixels > max_frame_pixels:
             raise ProfileError(f"{where}.frame_pixels {self.frame_pixels} exceeds pipeline.max_frame_pixels "
                                f"{max_frame_pixels}; lower it or raise pipeline.max_frame_pixels")
         return self

@@ -20,7 +20,14 @@ import logging
 
 import numpy as np
 
-from edge_inspect.runtime.transport.shm_ring import SHM_DIR, FrameRing, StaleReference, ring_name, sweep_stale
+from edge_inspect.runtime.transport.shm_ring import (
+    FrameRing,
+    RingSwept,
+    StaleReference,
+    frame_bytes,
+    ring_name,
+    sweep_stale,
+)
 from edge_inspect.runtime.transport.wire import Message, encode_frame, encode_frame_ref
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,7 @@ class RingFrames:
         return planes if self.planes is None else {k: planes[k] for k in self.planes if k in planes}
 
     def too_large(self, planes: dict[str, np.ndarray]) -> str | None:
-        total = sum(p.nbytes for p in self._selected(planes).values())
+        total = frame_bytes(self._selected(planes))
         if total > self.ring.slot_bytes:
             return (f"needs {total} bytes, more than a shared-memory slot holds ({self.ring.slot_bytes}); "
                     "raise transport.frame_pixels in the profile or lower the camera's resolution")
@@ -93,10 +100,13 @@ class RingSet:
         rings: dict[str, FrameRing] = {}
         try:
             for cam in cameras:
-                name = ring_name(cam)
-                if SHM_DIR.is_dir():  # left by a dead runtime that had this pid (no one else can)
-                    (SHM_DIR / name).unlink(missing_ok=True)
-                rings[cam] = FrameRing(name, slots, slot_size, create=True)
+                for attempt in range(3):
+                    try:
+                        rings[cam] = FrameRing(ring_name(cam), slots, slot_size, create=True)
+                        break
+                    except RingSwept:  # another runtime's sweep took it before it was locked
+                        if attempt == 2:
+                            raise
         except BaseException:
             for ring in rings.values():
                 ring.close()
@@ -115,20 +125,24 @@ class RingSet:
         planes = ring.view(msg.ref)
         msg.arrays = list(planes.values())
 
-    def finish(self, msg: Message) -> bool:
+    def finish(self, msg: Message, release: bool = True) -> bool:
         """After the frame was used: whether its slot still held it throughout; the slot is
-        handed back either way."""
-        ring = self.rings[msg.camera]
-        valid = ring.still_valid(msg.ref)
-        ring.release(msg.ref)
+        handed back (unless ``release`` is False: every_part hands it back once the frame
+        is in the engine, see :meth:`release`)."""
+        ring = self.rings.get(msg.camera)  # None once the runtime is closing
+        valid = ring is not None and ring.still_valid(msg.ref)
+        if release and ring is not None:
+            ring.release(msg.ref)
         return valid
 
     def unchanged(self, msg: Message) -> bool:
         """Whether the slot still holds ``msg``'s frame (after a second use of its views)."""
-        return self.rings[msg.camera].still_valid(msg.ref)
+        ring = self.rings.get(msg.camera)
+        return ring is not None and ring.still_valid(msg.ref)
 
     def release(self, msg: Message) -> None:
-        """Hand back the slot of a frame dropped without being used."""
+        """Hand back the slot of a frame done with (scored or dropped); nothing for a frame
+        whose pixels came in the message."""
         ring = self.rings.get(msg.camera)
         if ring is not None and msg.ref is not None:
             ring.release(msg.ref)

@@ -18,18 +18,27 @@ writer does not reuse a slot it wrote until the reader has released that frame
 crash owes nothing to its predecessor's slots (frames of the dead process still in flight
 may then be caught as ``overwritten``). ``live`` writers never wait.
 
-Ownership: the runtime creates each camera's ring (named ``edge-inspect-<pid>-<camera>``)
-and unlinks it when it stops; a camera process only attaches. Python's resource tracker
-would unlink a segment when an attaching process's tracker ends (CPython issue 82300), so
-attaching never registers it (:func:`attach_untracked`). A runtime killed outright leaves
-its rings behind; the next runtime removes every ``edge-inspect-<pid>-*`` whose pid no
-longer runs (:func:`sweep_stale`).
+Ownership: the runtime creates each camera's ring (named ``edge-inspect-<pid>-<random>-
+<camera>``: the pid tells people which runtime, the random part keeps apart two runtimes
+with one pid in containers that share ``/dev/shm``), holds an exclusive ``flock`` on it
+while it runs and unlinks it when it stops; a camera process only attaches. Python's
+resource tracker would unlink a segment when an attaching process's tracker ends (CPython
+issue 82300), so attaching never registers it (:func:`attach_untracked`). A runtime killed
+outright leaves its rings behind, unlocked; the next runtime removes every ring nobody
+holds a lock on (:func:`sweep_stale`; not by pid, which another PID namespace reuses).
+
+Slot layout: planes one after another, each starting on a 64-byte boundary. Memory order:
+the seqlock relies on stores becoming visible in program order, which x86-64 guarantees
+(total store order); on aarch64 (Jetson) that is not guaranteed without fences, which
+Python cannot issue, and has not been verified.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -39,10 +48,20 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, no sweep
+    fcntl = None
+
 PREFIX = "edge-inspect-"
 GEN_STRIDE = 8  # int64 entries between two slots' generation counters (64 bytes)
-NAME = re.compile(rf"{re.escape(PREFIX)}(\d{{1,10}})-[A-Za-z0-9_-]{{1,64}}")
+NAME = re.compile(rf"{re.escape(PREFIX)}\d{{1,10}}-[0-9a-f]{{8}}-[A-Za-z0-9_-]{{1,64}}")
+ALIGN = 64  # bytes: every plane starts on a cache line
 SHM_DIR = Path("/dev/shm")
+
+
+class RingSwept(RuntimeError):
+    """A new ring removed by another runtime's sweep before its creator could lock it."""
 
 
 class StaleReference(ValueError):
@@ -68,7 +87,17 @@ class SlotRef:
 
 
 def ring_name(camera: str, pid: int | None = None) -> str:
-    return f"{PREFIX}{os.getpid() if pid is None else pid}-{camera}"
+    """``edge-inspect-<pid>-<8 random hex digits>-<camera>``."""
+    return f"{PREFIX}{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}-{camera}"
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def frame_bytes(planes: dict[str, np.ndarray]) -> int:
+    """Bytes ``planes`` take in a slot (each plane padded to :data:`ALIGN`)."""
+    return sum(aligned(p.nbytes) for p in planes.values())
 
 
 class FrameRing:
@@ -81,10 +110,12 @@ class FrameRing:
                 raise ValueError(f"a ring needs >= 2 slots of >= 1 byte, got {slots} x {slot_bytes}")
             size = line * (slots + 1) + slots * slot_bytes
             self.shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-            _reserve(self.shm, size)
+            self.lock_fd = _hold(self.shm)
+            _reserve(self.shm, size, self.lock_fd)
             np.ndarray((2,), np.int64, self.shm.buf)[:] = [slots, slot_bytes]
         else:
             self.shm = attach_untracked(name)
+            self.lock_fd = None
         self.name, self.owner = name, create
         meta = np.ndarray((2,), np.int64, self.shm.buf)
         self.slots, self.slot_bytes = int(meta[0]), int(meta[1])
@@ -97,7 +128,7 @@ class FrameRing:
     # -- writer (a camera process) ----------------------------------------------------------------
     def write(self, planes: dict[str, np.ndarray], slot: int | None = None) -> SlotRef:
         """Copy ``planes`` into the next slot (or ``slot``); returns the reference to send."""
-        total = sum(p.nbytes for p in planes.values())
+        total = frame_bytes(planes)
         if total > self.slot_bytes:
             raise ValueError(f"frame of {total} bytes does not fit a slot of {self.slot_bytes} bytes")
         i = self.next_slot if slot is None else slot
@@ -111,7 +142,7 @@ class FrameRing:
             view = np.ndarray(plane.shape, plane.dtype, self.shm.buf, offset=offset)
             np.copyto(view, plane)
             described.append((name, tuple(plane.shape), plane.dtype.name))
-            offset += plane.nbytes
+            offset += aligned(plane.nbytes)
         done = int(self.generations[i]) + 1  # even: complete
         self.generations[i] = done
         self.written[i] = done
@@ -150,13 +181,13 @@ class FrameRing:
         end = offset + self.slot_bytes
         for name, shape, dtype in ref.planes:
             dt = np.dtype(dtype)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            if nbytes < 0 or offset + nbytes > end:
+            nbytes = math.prod(shape) * dt.itemsize  # Python ints: no overflow
+            if min(shape, default=0) < 0 or offset + nbytes > end:
                 raise StaleReference("malformed", f"plane {name} of {shape} {dtype} overruns the slot")
             view = np.ndarray(shape, dt, self.shm.buf, offset=offset)
             view.flags.writeable = False
             out[name] = view
-            offset += nbytes
+            offset += aligned(nbytes)
         return out
 
     def still_valid(self, ref: SlotRef) -> bool:
@@ -182,27 +213,52 @@ class FrameRing:
                 self.shm.unlink()
             except FileNotFoundError:
                 pass
+        if self.lock_fd is not None:  # after the unlink: a sweeper never sees it unlocked
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
 
-def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
+def _hold(shm: shared_memory.SharedMemory) -> int | None:
+    """An exclusive lock on the new segment's file, held while the owner runs: what tells
+    :func:`sweep_stale` the ring is in use (the kernel drops it when the owner dies). A
+    sweep between the creation and the lock may have removed it: :class:`RingSwept`."""
+    path = SHM_DIR / shm.name.lstrip("/")
+    if fcntl is None or not SHM_DIR.is_dir():
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        shm.close()
+        resource_tracker.unregister(getattr(shm, "_name", "/" + shm.name), "shared_memory")
+        raise RingSwept(shm.name) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise FileNotFoundError(path)
+    except OSError:  # a sweeper holds it or has unlinked it: not ours any more
+        os.close(fd)
+        shm.close()
+        resource_tracker.unregister(getattr(shm, "_name", "/" + shm.name), "shared_memory")
+        raise RingSwept(shm.name) from None
+    return fd
+
+
+def _reserve(shm: shared_memory.SharedMemory, size: int, fd: int | None) -> None:
     """Back the whole segment with memory now: a tmpfs that fills up later (a small Docker
     ``/dev/shm``) would otherwise kill the writer with SIGBUS mid-frame."""
-    path = SHM_DIR / shm.name.lstrip("/")
-    if not hasattr(os, "posix_fallocate") or not path.exists():
+    if fd is None or not hasattr(os, "posix_fallocate"):
         return
-    fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         shm.close()
         shm.unlink()
+        os.close(fd)
         free = shutil.disk_usage(SHM_DIR).free
         raise ValueError(f"cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} for frame ring {shm.name} "
                       f"({exc.strerror}; {free / 2**20:.0f} MiB free): lower transport.slots or "
                       "transport.frame_pixels in the profile, or give the machine more shared memory "
                       "(docker run --shm-size)") from None
-    finally:
-        os.close(fd)
 
 
 def attach_untracked(name: str) -> shared_memory.SharedMemory:
@@ -221,27 +277,25 @@ def attach_untracked(name: str) -> shared_memory.SharedMemory:
 
 
 def sweep_stale(shm_dir: Path = SHM_DIR) -> list[str]:
-    """Remove rings left by runtimes that no longer run (killed outright); returns their names."""
-    removed = []
-    if not shm_dir.is_dir():
+    """Remove rings no runtime holds a lock on (left by one killed outright); returns their
+    names. (A ring created but not yet locked may go too: its creator notices and makes
+    another, :class:`RingSwept`.)"""
+    removed: list[str] = []
+    if fcntl is None or not shm_dir.is_dir():
         return removed
     for entry in shm_dir.iterdir():
-        m = NAME.fullmatch(entry.name)
-        if not m or _alive(int(m.group(1))):
+        if not NAME.fullmatch(entry.name):
             continue
         try:
+            fd = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             entry.unlink()
             removed.append(entry.name)
-        except OSError:
+        except OSError:  # held by a running runtime (or gone meanwhile)
             pass
+        finally:
+            os.close(fd)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -6,6 +6,7 @@ runtime's rings are swept)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 
@@ -138,10 +139,42 @@ def test_the_owner_removes_its_ring_and_a_dead_runtimes_rings_are_swept():
     orphan.owner = False  # as if its runtime had been killed: nobody will unlink it
     orphan.close()
     mine = FrameRing(ring_name("cam1"), slots=2, slot_bytes=64, create=True)  # a live runtime's
+    # a live runtime in another PID namespace sharing /dev/shm: its pid means nothing here,
+    # its lock does
+    foreign = FrameRing(ring_name("cam2", pid=dead.pid), slots=2, slot_bytes=64, create=True)
     try:
         removed = sweep_stale()
         assert orphan.name in removed and not (SHM_DIR / orphan.name).exists()
         assert (SHM_DIR / mine.name).exists() and mine.name not in removed
+        assert (SHM_DIR / foreign.name).exists() and foreign.name not in removed
     finally:
         mine.close()
+        foreign.close()
     assert not list(Path(SHM_DIR).glob(f"edge-inspect-{dead.pid}-*"))
+
+
+def test_a_ring_swept_before_its_creator_locked_it_is_made_again(monkeypatch):
+    """Another runtime's sweep may find a new ring in the instant before its creator locks
+    it and remove it; the creator notices (it cannot take the lock, or the name now points
+    elsewhere) and makes another ring instead of serving from an unlinked one."""
+    import fcntl
+
+    from edge_inspect.runtime.transport.shm_frames import RingSet
+
+    real_flock, calls = fcntl.flock, []
+
+    def swept_first(fd, op):
+        calls.append(op)
+        if len(calls) == 1:  # the sweeper got there first: it holds the lock and unlinks
+            os.unlink(os.readlink(f"/proc/self/fd/{fd}"))
+            raise BlockingIOError("locked by the sweeper")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", swept_first)
+    rings = RingSet.create(["cam0"], 2, 64)
+    try:
+        name = rings.name("cam0")
+        assert len(calls) == 2 and (SHM_DIR / name).exists()
+        assert len(list(Path(SHM_DIR).glob(f"edge-inspect-{os.getpid()}-*-cam0"))) == 1  # nothing else left
+    finally:
+        rings.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -26,13 +27,14 @@ from edge_inspect.runtime.preprocess import fit_image
 from edge_inspect.runtime.profile import Profile, ProfileError
 from edge_inspect.runtime.sinks import ResultSocketSink
 from edge_inspect.runtime.transport.shm_frames import RingFrames, RingSet
-from edge_inspect.runtime.transport.shm_ring import SHM_DIR, FrameRing, attach_untracked
+from edge_inspect.runtime.transport.shm_ring import SHM_DIR, FrameRing, aligned, attach_untracked, ring_name
 from edge_inspect.runtime.transport.sockets import Receiver, Sender, TransportConfig
 from edge_inspect.runtime.transport.wire import MalformedMessage, decode, encode, encode_frame_ref
 from tests.runtime.serve_proc import Serve, descendants, metric
 from tests.runtime.test_reload import Results, post
 
 FRAME = (250, 250, 3)  # the memory bundle crops 248 x 248
+SLOT = aligned(int(np.prod(FRAME)))
 
 
 def _value(metrics, name, **labels):
@@ -51,7 +53,7 @@ def _rings_in_shm(pid: int) -> list[str]:
 # -- the wire --------------------------------------------------------------------------------------
 
 def test_a_reference_crosses_the_wire_without_pixels_and_odd_ones_are_malformed():
-    ring = FrameRing(f"edge-inspect-{os.getpid()}-wire", slots=2, slot_bytes=int(np.prod(FRAME)), create=True)
+    ring = FrameRing(ring_name("wire"), slots=2, slot_bytes=SLOT, create=True)
     try:
         ref = ring.write({"rgb": np.zeros(FRAME, np.uint8)})
         parts = encode_frame_ref("cam0", 5, 123, ref, source="a.png")
@@ -93,7 +95,7 @@ def ctx():
 
 def _pipeline(bundle_dir, tmp_path, ctx, mode: str, slots: int = 4, cameras=("cam0", "tiny")):
     bundle = load_bundle(bundle_dir)
-    rings = RingSet.create(["cam0"], slots, int(np.prod(FRAME)))
+    rings = RingSet.create(["cam0"], slots, SLOT)
     metrics = RuntimeMetrics()
     results = TransportConfig(f"ipc://{tmp_path}/results", mode="every_part", binder="sender",
                               send_timeout_ms=500)
@@ -114,7 +116,7 @@ def _forged(parts: list) -> list[list]:
         return [topic, json.dumps({**header, "shm": {**shm, **change}}).encode()]
 
     overrun = [{**header["parts"][0], "shape": [2000, 2000, 3]}]
-    return [changed(ring="edge-inspect-1-cam0"),  # another runtime's ring: malformed
+    return [changed(ring="edge-inspect-1-0badc0de-cam0"),  # another runtime's ring: malformed
             changed(slot=99),  # out of range: malformed
             changed(generation=shm["generation"] + 1),  # odd, never a frame: malformed
             changed(generation=max(2, shm["generation"] - 2)),  # the slot's last frame: overwritten
@@ -198,7 +200,7 @@ def test_a_slot_rewritten_while_its_frame_is_fitted_is_dropped(bundles, tmp_path
 
 
 def test_an_every_part_writer_waits_for_a_free_slot_and_a_live_one_never_does(tmp_path):
-    rings = RingSet.create(["cam0"], 2, int(np.prod(FRAME)))
+    rings = RingSet.create(["cam0"], 2, SLOT)
     frame = {"rgb": np.zeros(FRAME, np.uint8)}
     waiting = RingFrames(rings.name("cam0"), "every_part", wait_s=0.05)
     live = RingFrames(rings.name("cam0"), "live")
@@ -221,6 +223,70 @@ def test_an_every_part_writer_waits_for_a_free_slot_and_a_live_one_never_does(tm
         waiting.close(), live.close()
         rings.close()
     assert not (SHM_DIR / first.ref.ring).exists()
+
+
+def test_every_part_slots_come_back_on_every_drop_path(bundles, tmp_path, ctx):
+    """A frame the pipeline drops (too small for the crop, a plane that does not match) hands
+    its slot back: an every_part camera with 2 slots would otherwise wait forever."""
+    _, pipe, metrics, rings = _pipeline(bundles["memory"], tmp_path, ctx, "every_part", slots=2)
+    writer = RingFrames(rings.name("cam0"), "every_part", wait_s=0.2)
+    try:
+        for seq in range(3):  # smaller than the 248 crop: dropped when fitted
+            small = {"rgb": np.zeros((100, 100, 3), np.uint8)}
+            assert pipe.prepare(pipe._decode(writer.parts("cam0", seq, 1, small, None)), 0) is None
+        for seq in range(3, 6):  # one channel where the bundle takes three: dropped when decoded
+            grey = {"rgb": np.zeros((250, 250, 1), np.uint8)}
+            assert pipe._decode(writer.parts("cam0", seq, 1, grey, None)) is None
+        assert _value(metrics, "edge_inspect_frames_dropped_total", camera="cam0", reason="malformed") == 6
+        item = pipe.prepare(pipe._decode(writer.parts("cam0", 6, 1, {"rgb": _frames(1)[0]}, None)), 0)
+        assert item is not None  # the camera never waited: every slot came back
+        assert not writer.ring.slot_free(item.msg.ref.slot)  # held until the frame is in the engine
+        pipe.infer([item])
+        assert writer.ring.slot_free(item.msg.ref.slot)
+    finally:
+        writer.close()
+        pipe.close()
+        rings.close()
+
+
+def test_a_frame_already_at_the_input_size_is_copied_out_of_shared_memory(bundles, tmp_path, ctx):
+    """Fitting a 248 x 248 frame for a 248 x 248 crop needs no resampling; the fitted plane
+    must still be a copy, or the camera's next write into the slot would change the frame
+    being scored."""
+    _, pipe, _, rings = _pipeline(bundles["memory"], tmp_path, ctx, "live", slots=2)
+    writer = FrameRing(rings.name("cam0"))
+    frame = _frames(1)[0][:248, :248]
+    try:
+        item = pipe.prepare(pipe._decode(encode_frame_ref("cam0", 0, 1, writer.write({"rgb": frame}))), 0)
+        assert not np.shares_memory(item.planes["image"], item.msg.arrays[0])
+        writer.write({"rgb": np.zeros_like(frame)}, slot=item.msg.ref.slot)  # the camera comes round
+        assert np.array_equal(item.planes["image"], frame)
+    finally:
+        writer.close()
+        pipe.close()
+        rings.close()
+
+
+def test_a_reload_to_other_inputs_fits_every_part_frames_again_without_loss(bundles, tmp_path, ctx):
+    """every_part keeps a frame's slot until the frame is in the engine, so frames prepared
+    for the old bundle are fitted again from their slot for a bundle with other inputs."""
+    _, pipe, metrics, rings = _pipeline(bundles["memory"], tmp_path, ctx, "every_part", slots=2)
+    writer = RingFrames(rings.name("cam0"), "every_part", wait_s=0.05)
+    other = load_bundle(bundles["afclip"])  # 112 x 112 resize instead of a 248 crop
+    try:
+        items = [pipe.prepare(pipe._decode(writer.parts("cam0", i, 1, {"rgb": f}, None)), 0)
+                 for i, f in enumerate(_frames(2, seed=5))]
+        with pytest.raises(TimeoutError):  # both slots still held
+            writer.parts("cam0", 2, 1, {"rgb": _frames(1)[0]}, None)
+        pipe.slot.swap(other, open_engine(other), "textile")
+        model, out, _ = pipe.infer(items)
+        assert len(out[other.score_output]) == 2 and items[0].planes["image"].shape == (112, 112, 3)
+        assert _value(metrics, "edge_inspect_frames_dropped_total", camera="cam0", reason="overwritten") == 0
+        writer.parts("cam0", 2, 1, {"rgb": _frames(1)[0]}, None)  # the slots came back after
+    finally:
+        writer.close()
+        pipe.close()
+        rings.close()
 
 
 def test_batches_are_assembled_in_a_preallocated_buffer(bundles, tmp_path, ctx, monkeypatch):
@@ -261,9 +327,11 @@ def test_transport_section_is_checked():
     assert (shm.kind, shm.slots, shm.frame_pixels) == ("shm", 4, 1920 * 1080)
     for bad, words in [({"kind": "iceoryx"}, "kind 'iceoryx' unknown"), ({"slots": 1}, "slots must be >= 2"),
                        ({"slots": 65}, "slots must be <= 64"), ({"ring": 3}, "unknown keys ['ring']"),
-                       ({"frame_pixels": 10**9}, "exceeds pipeline.max_frame_pixels")]:
+                       ({"kind": "shm", "frame_pixels": 10**9}, "exceeds pipeline.max_frame_pixels")]:
         with pytest.raises(ProfileError, match=words.replace("[", r"\[").replace("]", r"\]")):
             Profile.from_dict({**base, "transport": bad})
+    small = {**base, "pipeline": {"max_frame_pixels": 10**6}}  # zmq: frame_pixels plays no part
+    assert Profile.from_dict(small).transport.kind == "zmq"
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -280,7 +348,8 @@ def test_serve_every_part_over_shared_memory_loses_nothing_and_leaves_no_ring(bu
             {"id": "cam1", "source": "synthetic", "size": [720, 1280], "fps": 0, "count": 60}]
     serve = Serve(_profile(bundles["memory"], tmp_path, "every_part", cams), tmp_path).started()
     rings = _rings_in_shm(serve.pid)
-    assert rings == [f"edge-inspect-{serve.pid}-cam0", f"edge-inspect-{serve.pid}-cam1"]
+    assert sorted(re.fullmatch(rf"edge-inspect-{serve.pid}-[0-9a-f]{{8}}-(cam\d)", r).group(1)
+                  for r in rings) == ["cam0", "cam1"], rings
     body = ""
     deadline = time.monotonic() + 120
     while serve.proc.poll() is None and time.monotonic() < deadline:
@@ -356,14 +425,14 @@ def test_cameras_killed_mid_write_leave_no_torn_frame_and_no_ring(bundles, tmp_p
     this one, whose frames are rarely caught mid-fit, may still pass.)"""
     cams = [{"id": "cam0", "source": "synthetic", "size": [1080, 1920], "fps": 0}]
     serve = Serve(_profile(bundles["memory"], tmp_path, "live", cams), tmp_path).started().ready()
-    ring = f"edge-inspect-{serve.pid}-cam0"
+    (ring,) = _rings_in_shm(serve.pid)
     results = PreviewCheck(f"ipc://{tmp_path / 'ep'}/results")
-    torn_slots = kills = 0
+    kills, half_written = 0, set()  # (slot, odd generation) a kill left behind
     try:
         assert post(f"{serve.base}/preview?seconds=300")[0] == 200
         results.wait_more(5)
-        while torn_slots < 3:
-            assert kills < 30, f"{kills} kills, {torn_slots} of them mid-write"
+        while len(half_written) < 3:
+            assert kills < 30, f"{kills} kills, {len(half_written)} of them mid-write"
             camera = _camera_pid(serve.pid)
             if camera is None:  # being restarted
                 time.sleep(0.1)
@@ -371,7 +440,8 @@ def test_cameras_killed_mid_write_leave_no_torn_frame_and_no_ring(bundles, tmp_p
             os.kill(camera, signal.SIGKILL)
             kills += 1
             time.sleep(0.05)
-            torn_slots += any(g % 2 for g in _generations(ring))  # killed between odd and even
+            # killed between odd and even: a slot left odd that no earlier kill left
+            half_written |= {(i, g) for i, g in enumerate(_generations(ring)) if g % 2}
             results.wait_more(3, timeout=60)  # the restarted camera streams again
         body = serve.metrics()
     finally:
@@ -382,7 +452,7 @@ def test_cameras_killed_mid_write_leave_no_torn_frame_and_no_ring(bundles, tmp_p
     assert not results.torn, f"{len(results.torn)} torn frames scored: {results.torn[:3]}"
     assert results.whole > 10
     overwritten = metric(body, "edge_inspect_frames_dropped_total", camera="cam0", reason="overwritten")
-    print(f"{kills} kills, {torn_slots} mid-write; {results.whole} scored frames whole, 0 torn; "
+    print(f"{kills} kills, {len(half_written)} mid-write; {results.whole} scored frames whole, 0 torn; "
           f"{overwritten:.0f} dropped as overwritten")
     assert _rings_in_shm(serve.pid) == []
 
@@ -399,13 +469,12 @@ def test_sigterm_and_a_runtime_killed_outright_leave_no_ring(bundles, tmp_path):
     killed = Serve(_profile(bundles["memory"], tmp_path / "b", "live", cams), tmp_path, "b").started().ready()
     assert len(_rings_in_shm(killed.pid)) == 2
     killed.kill()  # SIGKILL: nothing of serve runs its cleanup
-    dead_pid = 2**22 + 7  # above pid_max on most systems: a runtime that no longer runs
-    leftover = SHM_DIR / f"edge-inspect-{dead_pid}-cam0"
+    leftover = SHM_DIR / "edge-inspect-4194311-0badc0de-cam0"  # a dead runtime's, nobody's lock on it
     leftover.write_bytes(b"\0" * 4096)
     second = Serve(_profile(bundles["memory"], tmp_path / "c", "live", cams), tmp_path, "c").started().ready()
     try:
         assert not leftover.exists() and _rings_in_shm(killed.pid) == []
-        assert f"edge-inspect-{dead_pid}-cam0" in second.errors()  # said what it removed
+        assert leftover.name in second.errors()  # said what it removed
     finally:
         assert second.stop() == 0
     assert _rings_in_shm(second.pid) == []
