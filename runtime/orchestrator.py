@@ -2,12 +2,13 @@
 
 It wires the parts the pipeline itself never builds: the frame receiver (ZeroMQ; one SUB
 dialling every camera's PUB in ``live``, one bound PULL in ``every_part``, with
-``MAXMSGSIZE`` from the bundle's largest plane), the model slot (bundle + engine), the sinks
-(results socket, captures) and the metrics. The pipeline exists (and is warm) before any
-camera sends. tcp endpoints use CURVE when the profile has a ``security`` section: the
-runtime binds with its server key and accepts the listed client keys plus a key pair it
-makes for its own camera processes at start. One runtime per ``endpoint_dir`` and per
-captures folder (a lock). SIGTERM or Ctrl-C (handled by the CLI) stop everything: the
+``MAXMSGSIZE`` from the bundle's largest plane), with ``transport: shm`` one shared-memory
+frame ring per camera process (created, locked and removed here), the model slot (bundle +
+engine), the sinks (results socket, captures, MQTT) and the metrics. The pipeline exists
+(and is warm) before any camera sends. tcp endpoints use CURVE when the profile has a
+``security`` section: the runtime binds with its server key and accepts the listed client
+keys plus a key pair it makes for its own camera processes at start. One runtime per
+``endpoint_dir`` and per captures folder (a lock). SIGTERM or Ctrl-C (handled by the CLI) stop everything: the
 sources at their next frame, the pipeline after its current batch; children still running
 after the grace period are killed; children of a runtime killed outright die with it.
 """

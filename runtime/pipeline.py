@@ -303,9 +303,11 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - it does not fit the new inputs: dropped, counted
             self.metrics.drop(item.msg.camera, "malformed")
             return False
-        if item.msg.ref is not None and not self.rings.unchanged(item.msg):
-            self.metrics.drop(item.msg.camera, "overwritten")
-            return False
+        if item.msg.ref is not None:
+            planes = owned_copies(planes, item.msg.arrays)
+            if not self.rings.unchanged(item.msg):
+                self.metrics.drop(item.msg.camera, "overwritten")
+                return False
         item.planes, item.bundle = planes, bundle
         return True
 
