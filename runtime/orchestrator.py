@@ -83,7 +83,7 @@ class Runtime:
         for cam in self.cameras:
             check_source(cam)
         self.bundle = load_bundle(cfg.bundle)
-        needed = list(dict.fromkeys(p.modality for p in self.bundle.inputs))
+        needed = list(needed_planes(self.bundle))
         for cam in self.cameras:
             check_planes(cam, needed, cfg.bundle)
         self.curve: CurveKeys | None = None

@@ -317,13 +317,13 @@ class Pipeline:
         if len(batch) == 1:
             return {name: plane[None] for name, plane in batch[0].planes.items()}
         feeds = {}
-        for name in set(self._batch_buffers) - {p.name for p in bundle.inputs}:
-            del self._batch_buffers[name]  # an input a reloaded bundle no longer has
         for p in bundle.inputs:
             first = batch[0].planes[p.name]
             buf = self._batch_buffers.get(p.name)
             shape = (max(self.cfg.max_batch, len(batch)), *first.shape)
-            if buf is None or buf.shape != shape or buf.dtype != first.dtype:
+            if buf is None or buf.shape != shape or buf.dtype != first.dtype:  # first batch or a reload
+                names = {q.name for q in bundle.inputs}  # drop inputs a reloaded bundle no longer has
+                self._batch_buffers = {k: v for k, v in self._batch_buffers.items() if k in names}
                 buf = self._batch_buffers[p.name] = np.empty(shape, first.dtype)
             for i, item in enumerate(batch):
                 buf[i] = item.planes[p.name]

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from edge_inspect.runtime.bundle import load_bundle
+from edge_inspect.runtime.orchestrator import needed_planes
 from edge_inspect.runtime.source_registry import check_planes
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Reloader:
             t0 = time.perf_counter()
             try:
                 bundle = load_bundle(path)
-                needed = list(dict.fromkeys(p.modality for p in bundle.inputs))
+                needed = list(needed_planes(bundle))
                 for cam in rt.cameras:
                     check_planes(cam, needed, str(path))
                 rt.check_transport(bundle)

@@ -82,8 +82,8 @@ class SlotRef:
     planes: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype)
 
     def as_header(self) -> dict:
-        return {"ring": self.ring, "slot": self.slot, "generation": self.generation,
-                "planes": [[n, list(s), d] for n, s, d in self.planes]}
+        """The wire header's ``shm`` object (the planes travel in its ``parts``)."""
+        return {"ring": self.ring, "slot": self.slot, "generation": self.generation}
 
 
 def ring_name(camera: str, pid: int | None = None) -> str:

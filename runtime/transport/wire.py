@@ -99,7 +99,7 @@ def encode_frame_ref(camera: str, seq: int, t_capture_ns: int, ref: SlotRef,
     header = json.loads(parts[1])
     header["parts"] = [{"plane": name, "shape": list(shape), "dtype": dtype, "layout": "HWC"}
                        for name, shape, dtype in ref.planes]
-    header["shm"] = {"ring": ref.ring, "slot": ref.slot, "generation": ref.generation}
+    header["shm"] = ref.as_header()
     return [parts[0], json.dumps(header, separators=(",", ":")).encode()]
 
 
