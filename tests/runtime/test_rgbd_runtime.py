@@ -98,7 +98,9 @@ def test_a_camera_must_send_every_plane_the_bundle_takes():
         check_source({"id": "c", "source": "rgbd_folder"})
 
 
-def test_serve_scores_a_two_plane_bundle_from_an_rgbd_camera(pirn_bundle, tmp_path):
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_serve_scores_a_two_plane_bundle_from_an_rgbd_camera(pirn_bundle, tmp_path, transport):
+    """Both planes (uint8 RGB, float32 xyz) also through one shared-memory slot."""
     from edge_inspect.runtime.orchestrator import Runtime
     from edge_inspect.runtime.profile import Profile
 
@@ -106,6 +108,7 @@ def test_serve_scores_a_two_plane_bundle_from_an_rgbd_camera(pirn_bundle, tmp_pa
         return Profile.from_dict(dict(bundle=str(pirn_bundle), mode="every_part",
                                       endpoint_dir=str(tmp_path / "ep"), cameras=cameras,
                                       http={"port": None}, model_name="m",
+                                      transport={"kind": transport, "slots": 2, "frame_pixels": 150 * 150},
                                       pipeline={"max_batch": 2, "camera_timeout_s": 2.0}))
 
     with pytest.raises(ValueError, match="also takes \\['xyz'\\]"):
