@@ -168,9 +168,17 @@ def run(args: argparse.Namespace) -> int:
         pipeline={"max_batch": 4, "max_wait_ms": 5, "heatmap_size": [62, 62]},
         captures={"folder": str(args.out / "captures"), "retain": 50},
         http={"host": "127.0.0.1", "port": port}), "demo")
-    runtime = Runtime(cfg)
-    results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000))
-    runtime.start()
+    runtime = Runtime(cfg).start(sources=False)
+    # subscribed before the first frame: a subscriber that dials before the results are bound
+    # retries with a growing back-off and missed every result of a slow start (CI saw it)
+    results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000),
+                       await_connection=True)
+    if not results.wait_connected(10_000):
+        results.close()
+        runtime.shutdown()
+        raise SystemExit(f"the demo could not subscribe to the results at {cfg.results_endpoint} within "
+                         "10 s; is the endpoint folder writable?")
+    runtime.start_sources()
     what = "RGB-D frames (rgb + xyz)" if args.rgbd else "images"
     print(f"streaming {len(items)} {what} at {args.fps:g} fps over ZeroMQ; metrics on "
           f"http://127.0.0.1:{runtime.health.port}/metrics")
@@ -207,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
         runtime.shutdown()
         results.close()
     print()
+    if not got:
+        raise SystemExit(f"edge-inspect demo: no result arrived from {len(items)} frames sent; rerun with "
+                         "--verbose to see the runtime's log")
     summary = summarize(items, got, latency, runtime, threshold, t_first, t_last, camera, defects)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_stream(args.out / "stream_scores.png", items, got, threshold, defects)
@@ -220,6 +231,7 @@ RESULT_WAIT_S = 10.0  # quiet seconds after the camera finished before the demo 
 
 def summarize(items, got, latency, runtime, threshold, t_first, t_last, camera: str = "textile",
               defects: tuple[str, ...] = TEXTILE_DEFECTS) -> dict:
+    from edge_inspect.runtime.metrics import CAMERA_DROP_REASONS
     from edge_inspect.trainer.metrics import auroc
 
     scores = {k: np.array([got[i]["score"] for i in got if items[i][1] == k])
@@ -227,11 +239,14 @@ def summarize(items, got, latency, runtime, threshold, t_first, t_last, camera: 
     m = runtime.metrics.registry
     drops = {r: m.get_sample_value("edge_inspect_frames_dropped_total",
                                    {"camera": camera, "reason": r}) or 0.0
-             for r in ("stale", "hwm", "malformed")}
+             for r in CAMERA_DROP_REASONS}
     stages = {s: float(np.median([h["stages"][s] for h in got.values()]))
               for s in ("transport", "preprocess", "infer", "postprocess")}
     lat = np.array(list(latency.values()))
+    # frames neither scored nor counted as a drop: results lost between the runtime and the demo
+    missing = max(0, len(items) - len(got) - int(sum(drops.values())))
     out = {"frames_sent": len(items), "frames_scored": len(got), "drops": drops,
+           "results_missing": missing,
            "fps": (len(got) - 1) / (t_last - t_first) if len(got) > 1 else 0.0,
            "threshold": threshold,
            "e2e_latency_ms": {"p50": 1000 * float(np.percentile(lat, 50)),
@@ -251,6 +266,9 @@ def print_summary(s: dict) -> None:
     print(f"frames: {s['frames_sent']} sent, {s['frames_scored']} scored, dropped stale "
           f"{d['stale']:.0f} / hwm {d['hwm']:.0f} / malformed {d['malformed']:.0f}; "
           f"{s['fps']:.1f} frames/s")
+    if s.get("results_missing"):
+        print(f"{s['results_missing']} frames neither scored nor dropped: their results never reached "
+              "the demo")
     kinds = s.get("defect_kinds", TEXTILE_DEFECTS)
 
     def num(v, fmt):

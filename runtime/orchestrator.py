@@ -208,7 +208,10 @@ class Runtime:
             sinks.append(MqttSink(self.cfg.mqtt, self.metrics.sink_messages, self.metrics.mqtt_connected))
         return sinks
 
-    def start(self) -> Runtime:
+    def start(self, sources: bool = True) -> Runtime:
+        """Open the engine, the endpoints and /metrics, run the pipeline and (``sources``)
+        the cameras; ``sources=False`` holds the cameras back for :meth:`start_sources`, so a
+        caller can subscribe to the results before the first frame."""
         from edge_inspect.runtime.engines import open_engine
         from edge_inspect.runtime.health import HealthServer
 
@@ -255,13 +258,18 @@ class Runtime:
                 self._release()
                 raise ValueError(f"cannot serve /metrics on {http.host}:{http.port} ({exc.strerror or exc}); "
                                  "choose another http.port (0 picks a free one)") from None
+        self.thread = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
+        self.thread.start()
+        if sources:
+            self.start_sources()
+        return self
+
+    def start_sources(self) -> None:
+        """Start the camera processes and their supervisor."""
         self.supervisor.start_all()
         self.supervisor_thread = threading.Thread(target=self.supervisor.run, args=(self.stop,),
                                                   name="source-supervisor", daemon=True)
         self.supervisor_thread.start()
-        self.thread = threading.Thread(target=self._run_pipeline, name="pipeline", daemon=True)
-        self.thread.start()
-        return self
 
     def reload(self, path: str | None = None, reason: str = "command") -> str:
         """Swap in the bundle at ``path`` (default: the profile's) between batches; returns its

@@ -104,6 +104,13 @@ def stop_authenticators() -> None:
 
 
 def _socket(ctx: zmq.Context, kind: int, cfg: TransportConfig, bind: bool) -> zmq.Socket:
+    sock = _configured(ctx, kind, cfg, bind)
+    _attach(sock, cfg, bind)
+    return sock
+
+
+def _configured(ctx: zmq.Context, kind: int, cfg: TransportConfig, bind: bool) -> zmq.Socket:
+    """A socket with every option of ``cfg`` set, not yet bound or connected."""
     sock = ctx.socket(kind)
     linger = cfg.linger_ms if cfg.linger_ms is not None else (
         100 if cfg.mode == "live" else cfg.send_timeout_ms)
@@ -129,11 +136,14 @@ def _socket(ctx: zmq.Context, kind: int, cfg: TransportConfig, bind: bool) -> zm
         sock.curve_secretkey = cfg.curve_client_secret
         sock.curve_publickey = cfg.curve_client_public
         sock.curve_serverkey = cfg.curve_server_public
+    return sock
+
+
+def _attach(sock: zmq.Socket, cfg: TransportConfig, bind: bool) -> None:
     if bind:
         sock.bind(cfg.endpoint)
     else:
         sock.connect(cfg.endpoint)
-    return sock
 
 
 class Sender:
@@ -189,20 +199,45 @@ class Receiver:
     """Receives multipart messages (raw parts; decode with :func:`runtime.transport.wire.decode`)."""
 
     def __init__(self, cfg: TransportConfig, ctx: zmq.Context | None = None,
-                 topics: list[bytes] = (b"",), also_connect: list[str] = ()) -> None:
+                 topics: list[bytes] = (b"",), also_connect: list[str] = (),
+                 await_connection: bool = False) -> None:
         """``also_connect``: further endpoints a connecting receiver dials (live mode: one
-        bound PUB per camera, all read by one SUB)."""
+        bound PUB per camera, all read by one SUB). ``await_connection``: watch the
+        handshakes, for :meth:`wait_connected`."""
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         kind = zmq.SUB if cfg.mode == "live" else zmq.PULL
-        self.socket = _socket(self.ctx, kind, cfg, bind=cfg.receiver_binds)
-        if also_connect and cfg.receiver_binds:
-            raise ValueError("a binding receiver cannot also connect; list one endpoint")
+        if (also_connect or await_connection) and cfg.receiver_binds:
+            raise ValueError("a binding receiver cannot also connect or await a connection; "
+                             "list one endpoint")
+        self.socket = _configured(self.ctx, kind, cfg, bind=cfg.receiver_binds)
+        # watched from before the connect: a handshake done first would be missed
+        self.handshakes = (self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                           if await_connection else None)
+        _attach(self.socket, cfg, bind=cfg.receiver_binds)
         for endpoint in also_connect:
             self.socket.connect(endpoint)
         if kind == zmq.SUB:
             for t in topics:
                 self.socket.setsockopt(zmq.SUBSCRIBE, t)
+
+    def wait_connected(self, timeout_ms: int) -> bool:
+        """True once the sender at the endpoint has completed a handshake with this receiver
+        and the subscription is sent, False after the timeout.
+
+        A SUB that dials before its PUB binds retries with a growing back-off (up to
+        ``RECONNECT_IVL_MAX``, 5 s) and misses what is published meanwhile: a listener that
+        needs the first results (the demo) dials the bound endpoint and waits here before the
+        cameras start. The PUB holds the subscription a moment after this returns (one ipc
+        hop), long before a camera process has started.
+        """
+        if self.handshakes is None:
+            raise ValueError("wait_connected needs a Receiver made with await_connection=True")
+        if not self.handshakes.poll(timeout_ms):
+            return False
+        self.handshakes.recv_multipart()
+        self.socket.getsockopt(zmq.EVENTS)  # runs the socket's commands: the new pipe gets the subscription
+        return True
 
     def recv(self, timeout_ms: int | None = None) -> list | None:
         """One message's parts, or None after the timeout."""
@@ -228,4 +263,8 @@ class Receiver:
         return out
 
     def close(self) -> None:
+        if self.handshakes is not None:
+            if not self.socket.closed:
+                self.socket.disable_monitor()
+            self.handshakes.close(linger=0)
         self.socket.close()

@@ -108,3 +108,33 @@ def test_live_sender_waits_for_its_first_subscriber_and_then_loses_nothing(ctx, 
     assert Sender(TransportConfig(f"ipc://{tmp_path}/ep", mode="every_part"), ctx).wait_for_subscriber(0)
     with pytest.raises(ValueError, match="await_subscribers"):
         Sender(TransportConfig(f"ipc://{tmp_path}/plain", mode="live"), ctx).wait_for_subscriber(0)
+
+
+def test_wait_connected_says_when_the_publisher_is_there(ctx, tmp_path):
+    """False while nothing is bound; True once the handshake is done, after which the
+    subscription reaches the PUB within moments (the demo waits so before its cameras start,
+    a process start later)."""
+    cfg = TransportConfig(f"ipc://{tmp_path}/results", mode="live", hwm=100)
+    rx = Receiver(cfg, ctx, await_connection=True)
+    assert rx.wait_connected(200) is False  # nothing bound yet
+    rx.close()
+    tx = Sender(cfg, ctx)
+    for attempt in range(10):
+        rx = Receiver(cfg, ctx, await_connection=True)
+        assert rx.wait_connected(5000)
+        deadline, parts = time.monotonic() + 2.0, None
+        while parts is None and time.monotonic() < deadline:
+            assert tx.send(_frame(attempt))
+            parts = rx.recv(5)
+        assert parts is not None and decode(parts).seq == attempt
+        rx.close()
+    tx.close()
+
+
+def test_await_connection_needs_a_connecting_receiver(ctx, tmp_path):
+    with pytest.raises(ValueError, match="binding receiver cannot also connect or await"):
+        Receiver(TransportConfig(f"ipc://{tmp_path}/ep", mode="every_part"), ctx, await_connection=True)
+    rx = Receiver(TransportConfig(f"ipc://{tmp_path}/live", mode="live"), ctx)
+    with pytest.raises(ValueError, match="await_connection=True"):
+        rx.wait_connected(10)
+    rx.close()
