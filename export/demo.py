@@ -171,8 +171,12 @@ def run(args: argparse.Namespace) -> int:
     runtime = Runtime(cfg).start(sources=False)
     # subscribed before the first frame: a subscriber that dials before the results are bound
     # retries with a growing back-off and missed every result of a slow start (CI saw it)
-    results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000),
-                       await_connection=True)
+    try:
+        results = Receiver(TransportConfig(cfg.results_endpoint, mode="live", hwm=10000),
+                           await_connection=True)
+    except BaseException:
+        runtime.shutdown()
+        raise
     if not results.wait_connected(10_000):
         results.close()
         runtime.shutdown()

@@ -214,6 +214,7 @@ class Receiver:
         # watched from before the connect: a handshake done first would be missed
         self.handshakes = (self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
                            if await_connection else None)
+        self.connected = False
         _attach(self.socket, cfg, bind=cfg.receiver_binds)
         for endpoint in also_connect:
             self.socket.connect(endpoint)
@@ -228,16 +229,26 @@ class Receiver:
         A SUB that dials before its PUB binds retries with a growing back-off (up to
         ``RECONNECT_IVL_MAX``, 5 s) and misses what is published meanwhile: a listener that
         needs the first results (the demo) dials the bound endpoint and waits here before the
-        cameras start. The PUB holds the subscription a moment after this returns (one ipc
-        hop), long before a camera process has started.
+        cameras start. The PUB holds the subscription a moment after this returns (one hop
+        over the endpoint), long before a camera process has started.
         """
         if self.handshakes is None:
+            if self.connected:
+                return True
             raise ValueError("wait_connected needs a Receiver made with await_connection=True")
         if not self.handshakes.poll(timeout_ms):
             return False
-        self.handshakes.recv_multipart()
         self.socket.getsockopt(zmq.EVENTS)  # runs the socket's commands: the new pipe gets the subscription
+        self._stop_watching()  # later reconnects would queue events nobody reads
+        self.connected = True
         return True
+
+    def _stop_watching(self) -> None:
+        if self.handshakes is not None:
+            if not self.socket.closed:
+                self.socket.disable_monitor()
+            self.handshakes.close(linger=0)
+            self.handshakes = None
 
     def recv(self, timeout_ms: int | None = None) -> list | None:
         """One message's parts, or None after the timeout."""
@@ -263,8 +274,5 @@ class Receiver:
         return out
 
     def close(self) -> None:
-        if self.handshakes is not None:
-            if not self.socket.closed:
-                self.socket.disable_monitor()
-            self.handshakes.close(linger=0)
+        self._stop_watching()
         self.socket.close()

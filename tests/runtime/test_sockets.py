@@ -138,3 +138,13 @@ def test_await_connection_needs_a_connecting_receiver(ctx, tmp_path):
     with pytest.raises(ValueError, match="await_connection=True"):
         rx.wait_connected(10)
     rx.close()
+
+
+def test_wait_connected_stops_watching_once_connected(ctx, tmp_path):
+    """Later reconnects queue no monitor events (a long-lived listener must not grow)."""
+    cfg = TransportConfig(f"ipc://{tmp_path}/results", mode="live")
+    tx = Sender(cfg, ctx)
+    rx = Receiver(cfg, ctx, await_connection=True)
+    assert rx.wait_connected(5000) and rx.handshakes is None
+    assert rx.wait_connected(0)  # still connected: says so without a monitor
+    rx.close(), tx.close()
