@@ -237,8 +237,7 @@ class Pipeline:
                 if decoded is None:
                     continue
                 msg, restart = decoded
-                if msg.camera in newest:
-                    self.rings.release(newest[msg.camera][0])
+                if msg.camera in newest:  # (live: its ring slot needs no release, see prepare)
                     self.metrics.drop(msg.camera, "stale")
                     restart = restart or newest[msg.camera][1]  # a restart among the dropped
                 newest[msg.camera] = (msg, restart)
@@ -277,8 +276,8 @@ class Pipeline:
         if msg.ref is not None:
             fitted = owned_copies(fitted, msg.arrays)
             # every_part keeps the slot until the frame is in the engine (a reload may fit
-            # it again); live hands it back now (its camera never waits for it)
-            if not self.rings.finish(msg, release=self.cfg.mode == "live"):  # rewritten meanwhile
+            # it again); a live camera never waits for a slot, so nothing is handed back
+            if not self.rings.unchanged(msg):  # rewritten meanwhile
                 return self._unscored(msg, restart, "overwritten")
         return Prepared(msg, t_recv, fitted, time.perf_counter() - t0, restart, bundle)
 

@@ -285,7 +285,7 @@ def rgbd_frame_kind(i: int) -> str:
 
 
 def publish(source, sender: Sender, camera: str, stop: threading.Event | None = None,
-            on_event=None, max_frame_bytes: int | None = None, frames=None) -> int:
+            on_event=None, frames=None) -> int:
     """Send every frame of ``source`` as ``frame.<camera>`` with a per-camera ``seq``.
 
     ``frames`` makes each message (:mod:`edge_inspect.runtime.transport.shm_frames`): the
@@ -293,15 +293,15 @@ def publish(source, sender: Sender, camera: str, stop: threading.Event | None = 
     send that times out (the pipeline stalled) or a ring with no free slot is retried until
     it goes through or ``stop`` is set -- a camera waits, it never exits because the
     consumer is slow; each timeout is counted as ``send_blocked``. A frame too large for the
-    pipeline's ``max_frame_bytes`` (the receiver's ``MAXMSGSIZE``, which would silently
-    disconnect the camera) or for a ring slot is not sent: counted as ``oversized_frame``
-    and logged once.
+    pipeline's frame limit (the receiver's ``MAXMSGSIZE``, which would silently disconnect
+    the camera; ``PayloadFrames(max_frame_bytes)``) or for a ring slot is not sent: counted
+    as ``oversized_frame`` and logged once.
     """
     from edge_inspect.runtime.transport.shm_frames import PayloadFrames
 
     stop = stop or threading.Event()
     count = on_event or (lambda _event: None)
-    frames = frames or PayloadFrames(max_frame_bytes)
+    frames = frames or PayloadFrames()
     seq, blocked_since, warned_size = 0, None, False
     for planes, t_ns in source:
         if stop.is_set():

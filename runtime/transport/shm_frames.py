@@ -9,9 +9,10 @@ camera counts ``send_blocked`` and keeps waiting.
 
 Pipeline side, :class:`RingSet` holds the runtime's rings (one per camera process, created,
 owned and removed by the runtime) and does the reader's steps: :meth:`RingSet.read` puts
-read-only views of the frame in the message, :meth:`RingSet.finish` says (after the frame
-has been fitted, the one copy) whether the slot still holds it and hands the slot back,
-:meth:`RingSet.release` hands back the slot of a frame dropped unread.
+read-only views of the frame in the message, :meth:`RingSet.unchanged` says (after the
+frame has been fitted, the one copy) whether the slot still holds it, :meth:`RingSet.release`
+hands the slot back (every_part: once the frame is in the engine or dropped; a live camera
+never waits for a slot), :meth:`RingSet.finish` does both.
 """
 
 from __future__ import annotations
@@ -125,13 +126,12 @@ class RingSet:
         planes = ring.view(msg.ref)
         msg.arrays = list(planes.values())
 
-    def finish(self, msg: Message, release: bool = True) -> bool:
+    def finish(self, msg: Message) -> bool:
         """After the frame was used: whether its slot still held it throughout; the slot is
-        handed back (unless ``release`` is False: every_part hands it back once the frame
-        is in the engine, see :meth:`release`)."""
+        handed back."""
         ring = self.rings.get(msg.camera)  # None once the runtime is closing
         valid = ring is not None and ring.still_valid(msg.ref)
-        if release and ring is not None:
+        if ring is not None:
             ring.release(msg.ref)
         return valid
 
