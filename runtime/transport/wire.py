@@ -95,12 +95,11 @@ def encode_frame_ref(camera: str, seq: int, t_capture_ns: int, ref: SlotRef,
                      source: str | None = None) -> list:
     """A frame message that carries no pixels: where they lie in a shared-memory ring."""
     extra = {"source": source} if source else {}
-    parts = encode("frame", camera, seq, t_capture_ns, (), planes=[], **extra)
-    header = json.loads(parts[1])
-    header["parts"] = [{"plane": name, "shape": list(shape), "dtype": dtype, "layout": "HWC"}
-                       for name, shape, dtype in ref.planes]
-    header["shm"] = ref.as_header()
-    return [parts[0], json.dumps(header, separators=(",", ":")).encode()]
+    specs = [{"plane": name, "shape": list(shape), "dtype": dtype, "layout": "HWC"}
+             for name, shape, dtype in ref.planes]
+    # no arrays: ``parts`` comes from the slot's specs (extra fields replace the header's own)
+    return encode("frame", camera, seq, t_capture_ns, (), planes=[], parts=specs, shm=ref.as_header(),
+                  **extra)
 
 
 def encode(kind: str, camera: str, seq: int, t_capture_ns: int, arrays: list[np.ndarray] = (),
