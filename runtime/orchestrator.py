@@ -55,8 +55,7 @@ def needed_planes(bundle: Bundle) -> dict[str, int]:
 def frame_limit_bytes(bundle: Bundle, max_frame_pixels: int) -> int:
     """The largest frame part the runtime reads: ``max_frame_pixels`` x the largest bytes per
     pixel of the bundle's input planes (plus room for a small header part)."""
-    per_pixel = max(p.channels * np.dtype(p.dtype).itemsize for p in bundle.inputs)
-    return max(max_frame_pixels * per_pixel, 64 * 1024)
+    return max(max_frame_pixels * max(needed_planes(bundle).values()), 64 * 1024)
 
 
 class SourceEventsCollector:
@@ -83,9 +82,9 @@ class Runtime:
         for cam in self.cameras:
             check_source(cam)
         self.bundle = load_bundle(cfg.bundle)
-        needed = list(needed_planes(self.bundle))
+        self.planes = needed_planes(self.bundle)  # also what the frame rings carry (transport: shm)
         for cam in self.cameras:
-            check_planes(cam, needed, cfg.bundle)
+            check_planes(cam, list(self.planes), cfg.bundle)
         self.curve: CurveKeys | None = None
         if cfg.security is not None:
             self.curve = load_server_keys(cfg.security.server_key, cfg.security.client_keys)
@@ -108,7 +107,6 @@ class Runtime:
         self.stop = threading.Event()
         self.supervisor = SourceSupervisor(self._spawn_source, self.processed, self.metrics.source_restarts)
         self.pipeline: Pipeline | None = None
-        self.planes = needed_planes(self.bundle)  # what the frame rings carry (transport: shm)
         self.rings: RingSet | None = None
         self.health = None
         self.locks: list[FolderLock] = []
